@@ -1,0 +1,161 @@
+"""The ``cgrpo`` command line. Heavy imports happen inside commands so that ``--help`` stays fast."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cgrpo import __version__
+
+app = typer.Typer(
+    help="Customized-GRPO: RL post-training of subject-driven image generators (SARS + TDW).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+Overrides = Annotated[
+    list[str] | None, typer.Argument(help="Dotted config overrides, e.g. train.lr=1e-5 advantage.alpha=0.2")
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"cgrpo {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Customized-GRPO command line."""
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code=2)
+
+
+def _load_grpo_config(config: Path, overrides: list[str] | None, output_dir: Path | None):
+    from cgrpo.config import ConfigError, load_config
+    from cgrpo.train.config import GRPOConfig
+
+    extra = list(overrides or [])
+    if output_dir is not None:
+        extra.append(f"output_dir={output_dir}")
+    try:
+        return load_config(GRPOConfig, config, extra)
+    except ConfigError as error:
+        _fail(str(error))
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="YAML config, e.g. configs/mini/customized_grpo.yaml")],
+    overrides: Overrides = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many more iterations.")] = None,
+    output_dir: Annotated[Path | None, typer.Option(help="Where logs, samples and checkpoints go.")] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from the newest checkpoint in the output dir.")
+    ] = False,
+) -> None:
+    """Run Customized-GRPO (or a baseline/ablation config) with GRPO."""
+    from cgrpo.train.components import RewardFailure
+    from cgrpo.train.grpo import train as run_train
+
+    cfg = _load_grpo_config(config, overrides, output_dir)
+    try:
+        run_train(cfg, resume=resume, max_steps=max_steps)
+    except RewardFailure as failure:
+        _fail(str(failure))
+
+
+@app.command()
+def sft(
+    config: Annotated[Path, typer.Argument(help="YAML config, e.g. configs/mini/sft.yaml")],
+    overrides: Overrides = None,
+) -> None:
+    """Supervised flow-matching fine-tuning (the SFT baseline and the mini world's base pretraining)."""
+    from cgrpo.config import ConfigError, load_config
+    from cgrpo.train.sft import SFTConfig, run_sft
+
+    try:
+        cfg = load_config(SFTConfig, config, list(overrides or []))
+    except ConfigError as error:
+        _fail(str(error))
+    path = run_sft(cfg)
+    console.print(f"saved {path}")
+
+
+@app.command()
+def demo(
+    output_dir: Annotated[Path, typer.Option(help="Where the run and its report go.")] = Path("runs/demo"),
+    steps: Annotated[int | None, typer.Option(help="GRPO iterations (default: the config's).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed of the run.")] = 0,
+    config: Annotated[Path | None, typer.Option(help="Another config than the packaged demo.")] = None,
+) -> None:
+    """Customized-GRPO on the mini world from the committed base, then runs/demo/report.md."""
+    from cgrpo.demo import run_demo
+
+    report = run_demo(output_dir=output_dir, steps=steps, seed=seed, config=config)
+    console.print(f"report: {report}")
+
+
+@app.command("rewards")
+def list_rewards() -> None:
+    """List the registered rewards."""
+    from cgrpo import rewards
+
+    _print_registry("reward", rewards.describe())
+
+
+@app.command("policies")
+def list_policies() -> None:
+    """List the registered policies (backbones)."""
+    from cgrpo import policy
+
+    _print_registry("policy", policy.describe())
+
+
+def _print_registry(kind: str, entries: dict[str, str]) -> None:
+    table = Table(kind, "description")
+    for name, help_text in entries.items():
+        table.add_row(name, help_text)
+    console.print(table)
+
+
+def _add_subcommands() -> None:
+    # Sub-apps live next to their code; each is optional so a partial install still gives a working CLI.
+    import importlib
+
+    for module, name, help_text in (
+        (
+            "cgrpo.humaneval.cli",
+            "humaneval",
+            "Pairwise human-evaluation study: pairs, server, invites, export.",
+        ),
+        ("cgrpo.data.cli", "data", "Datasets: validate, import DreamBench/SynCD, filter by reward."),
+    ):
+        try:
+            sub = importlib.import_module(module)
+        except ModuleNotFoundError as error:
+            if error.name and error.name.startswith("cgrpo"):
+                continue
+            raise
+        app.add_typer(sub.app, name=name, help=help_text)
+
+
+_add_subcommands()
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,182 @@
+"""The Policy protocol shared by the mini world and the real backbones, and the policy registry.
+
+A policy is a reference-conditioned flow-matching generator in *token space*: latents are packed tokens
+``[B, N, C]`` (N image tokens of C channels) with position ids ``[N, 3]``, as diffusers' FLUX models use.
+The trainer only talks to this interface, so the mini policy (pixels in 4x4 patches, tiny transformer) and
+UNO on FLUX.1-dev (VAE latents in 2x2 patches, full transformer) run through exactly the same loop.
+
+Sigma convention: ``sigma`` in [0, 1], 1 = pure noise, 0 = clean; ``x_sigma = (1 - sigma) x0 + sigma noise``
+and the model predicts the velocity ``noise - x0`` (rectified flow, Eq. 3-4 of the paper).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cgrpo.registry import Registry
+
+
+@dataclass
+class Conditioning:
+    """Everything the transformer needs besides the noisy latents. Batch-first tensors.
+
+    - ``prompt_embeds``: ``[B, L, D]`` text sequence embeddings;
+    - ``pooled_prompt_embeds``: ``[B, P]`` pooled text embedding;
+    - ``text_ids``: ``[L, 3]`` text position ids (zeros for FLUX);
+    - ``reference_tokens``: ``[B, R, C]`` packed reference-image latents (R may be 0);
+    - ``reference_ids``: ``[R, 3]`` their position ids (UNO's shifted UnoPE ids);
+    - ``guidance``: ``[B]`` guidance scale for guidance-distilled models (FLUX.1-dev), else None.
+    """
+
+    prompt_embeds: torch.Tensor
+    pooled_prompt_embeds: torch.Tensor
+    text_ids: torch.Tensor
+    reference_tokens: torch.Tensor
+    reference_ids: torch.Tensor
+    guidance: torch.Tensor | None = None
+
+    _BATCHED = ("prompt_embeds", "pooled_prompt_embeds", "reference_tokens", "guidance")
+
+    def __len__(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    def _map_batched(self, fn) -> Conditioning:
+        changes = {name: fn(getattr(self, name)) for name in self._BATCHED if getattr(self, name) is not None}
+        return replace(self, **changes)
+
+    def repeat_interleave(self, repeats: int) -> Conditioning:
+        """Each condition ``repeats`` times in a row: ``[B, ...] -> [B * repeats, ...]`` (a group of G)."""
+        return self._map_batched(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def index(self, index: torch.Tensor | slice) -> Conditioning:
+        """Select a sub-batch (a micro-batch of a rollout or of a training step)."""
+        return self._map_batched(lambda t: t[index])
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Conditioning:
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+
+        return replace(
+            self, **{f.name: move(v) for f in fields(self) if (v := getattr(self, f.name)) is not None}
+        )
+
+    @staticmethod
+    def cat(conditions: Sequence[Conditioning]) -> Conditioning:
+        first = conditions[0]
+        changes = {}
+        for name in Conditioning._BATCHED:
+            if getattr(first, name) is not None:
+                changes[name] = torch.cat([getattr(c, name) for c in conditions], dim=0)
+        return replace(first, **changes)
+
+
+class Policy(nn.Module):
+    """Interface of a reference-conditioned flow policy. Subclasses implement the abstract methods.
+
+    ``transformer`` is the module whose (LoRA) parameters are trained; text encoders and the image codec
+    are frozen.
+    """
+
+    transformer: nn.Module
+
+    # --- conditioning -------------------------------------------------------------------------------
+    def encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prompts -> (``prompt_embeds [B, L, D]``, ``pooled [B, P]``, ``text_ids [L, 3]``), no grad."""
+        raise NotImplementedError
+
+    def encode_references(self, references: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference images ``[B, 3, H, W]`` in [0, 1] -> (``tokens [B, R, C]``, ``ids [R, 3]``), no grad."""
+        raise NotImplementedError
+
+    def condition(self, prompts: Sequence[str], references: torch.Tensor) -> Conditioning:
+        """One :class:`Conditioning` for B (prompt, reference) pairs."""
+        prompt_embeds, pooled, text_ids = self.encode_prompts(prompts)
+        tokens, ids = self.encode_references(references)
+        return Conditioning(prompt_embeds, pooled, text_ids, tokens, ids, self.guidance_tensor(len(prompts)))
+
+    def guidance_tensor(self, batch_size: int) -> torch.Tensor | None:
+        return None
+
+    # --- latents --------------------------------------------------------------------------------------
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        """(N tokens, C channels) of one image's packed latents."""
+        raise NotImplementedError
+
+    def image_ids(self) -> torch.Tensor:
+        """``[N, 3]`` position ids of the generated image's tokens."""
+        raise NotImplementedError
+
+    def initial_noise(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``[B, N, C]`` standard normal latents (float32, on CPU when the generator is a CPU one)."""
+        n, c = self.latent_shape
+        return torch.randn(batch_size, n, c, generator=generator, dtype=torch.float32)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` in [0, 1] -> clean latents ``[B, N, C]`` (flow-matching targets)."""
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Clean latents ``[B, N, C]`` -> images ``[B, 3, H, W]`` in [0, 1]."""
+        raise NotImplementedError
+
+    # --- the model ------------------------------------------------------------------------------------
+    def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """Predicted velocity ``[B, N, C]`` for latents ``[B, N, C]`` at noise level ``sigma [B]``."""
+        raise NotImplementedError
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for p in self.transformer.parameters() if p.requires_grad)
+
+    def add_lora(
+        self, rank: int, alpha: float, dropout: float = 0.0, target_modules: Sequence[str] | None = None
+    ):
+        """Freeze the transformer and inject LoRA adapters through peft."""
+        raise NotImplementedError
+
+    # --- persistence ----------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **options) -> Policy:
+        raise NotImplementedError
+
+
+POLICIES: Registry[Policy] = Registry("policy")
+
+
+def register(name: str, help: str = ""):
+    return POLICIES.register(name, help)
+
+
+def _import_builtin_policies() -> None:
+    import importlib
+
+    for module in ("mini", "uno", "kontext", "flux2_klein"):
+        try:
+            importlib.import_module(f"cgrpo.policy.{module}")
+        except ModuleNotFoundError as error:
+            if error.name != f"cgrpo.policy.{module}":
+                raise
+
+
+def build(name: str, **options) -> Policy:
+    """Build a registered policy, e.g. ``build("mini")`` or ``build("uno", flux_path=..., lora_path=...)``."""
+    _import_builtin_policies()
+    return POLICIES.build(name, **options)
+
+
+def names() -> list[str]:
+    _import_builtin_policies()
+    return POLICIES.names()
+
+
+def describe() -> dict[str, str]:
+    _import_builtin_policies()
+    return POLICIES.describe()

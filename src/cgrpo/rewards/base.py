@@ -1,0 +1,107 @@
+"""The Reward protocol, image-batch conversions and the reward registry.
+
+Every reward in the project is a callable ``(images, references, prompts, subjects=None) -> Tensor[N]``:
+
+- ``images``: the N generated images, as a list of PIL images or a float tensor ``[N, 3, H, W]`` in [0, 1];
+- ``references``: N reference images of the subject (same forms; one per generated image);
+- ``prompts``: N prompt strings;
+- ``subjects``: optional N subject class names (``"dog"``, ``"backpack"``), used e.g. as a detection query.
+
+Higher is better. Scores are computed without gradients; non-finite scores are allowed (the trainer masks
+them out and counts them) but a reward must never raise on a valid batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cgrpo.registry import Registry
+
+ImageBatch = torch.Tensor | Sequence[Image.Image]
+
+
+@runtime_checkable
+class Reward(Protocol):
+    name: str
+
+    def __call__(
+        self,
+        images: ImageBatch,
+        references: ImageBatch,
+        prompts: Sequence[str],
+        subjects: Sequence[str] | None = None,
+    ) -> torch.Tensor: ...
+
+
+REWARDS: Registry[Reward] = Registry("reward")
+
+
+def register(name: str, help: str = ""):
+    """Decorator: ``@register("mini_id")`` on a factory ``(**options) -> Reward``."""
+    return REWARDS.register(name, help)
+
+
+def build(name: str, **options) -> Reward:
+    """Build a registered reward by name, e.g. ``build("dino_seg", dino_path=..., device="cuda")``."""
+    _import_builtin_rewards()
+    return REWARDS.build(name, **options)
+
+
+def names() -> list[str]:
+    _import_builtin_rewards()
+    return REWARDS.names()
+
+
+def describe() -> dict[str, str]:
+    _import_builtin_rewards()
+    return REWARDS.describe()
+
+
+def _import_builtin_rewards() -> None:
+    # Importing the modules registers their rewards; kept lazy so `import cgrpo` stays light.
+    import importlib
+
+    for module in ("mini", "real", "vlm_judge"):
+        try:
+            importlib.import_module(f"cgrpo.rewards.{module}")
+        except ModuleNotFoundError as error:
+            if error.name != f"cgrpo.rewards.{module}":
+                raise
+
+
+def to_tensor(images: ImageBatch) -> torch.Tensor:
+    """PIL images or a tensor -> float32 ``[N, 3, H, W]`` in [0, 1] (all PIL images must share a size)."""
+    if isinstance(images, torch.Tensor):
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images of shape [N, 3, H, W], got {tuple(images.shape)}")
+        return images.detach().float().clamp(0, 1)
+    arrays = [np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0 for image in images]
+    if not arrays:
+        return torch.zeros(0, 3, 1, 1)
+    sizes = {a.shape for a in arrays}
+    if len(sizes) > 1:
+        raise ValueError(f"images have different sizes {sorted(sizes)}; resize them first")
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def to_pil(images: ImageBatch) -> list[Image.Image]:
+    """A tensor ``[N, 3, H, W]`` in [0, 1] or PIL images -> a list of RGB PIL images."""
+    if not isinstance(images, torch.Tensor):
+        return [image.convert("RGB") for image in images]
+    array = (to_tensor(images).permute(0, 2, 3, 1).cpu().numpy() * 255.0).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in array]
+
+
+def check_batch(images: ImageBatch, references: ImageBatch, prompts: Sequence[str]) -> int:
+    """Return N after checking that images, references and prompts have the same length."""
+    n = len(images)
+    if len(references) != n or len(prompts) != n:
+        raise ValueError(
+            f"reward batch mismatch: {n} images, {len(references)} references, {len(prompts)} prompts"
+        )
+    return n

@@ -1,0 +1,173 @@
+"""The GRPO run configuration: typed dataclasses, loaded from YAML with dotted overrides.
+
+Each field's comment says what it controls; `validate()` rejects impossible values naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from cgrpo.config import ConfigError
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    target_modules: list[str] | None = None  # None: the policy's default (attention + MLP projections)
+
+
+@dataclass
+class PolicyConfig:
+    name: str = "mini"  # registered policy: mini | uno | flux-kontext | flux2-klein
+    options: dict[str, Any] = field(default_factory=dict)  # passed to the policy factory (paths, dtype, ...)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    name: str = "mini"  # registered dataset: mini | jsonl | dreambench
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RewardConfig:
+    name: str = "mini_id"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RewardsConfig:
+    identity: RewardConfig = field(default_factory=lambda: RewardConfig("mini_id"))
+    prompt: RewardConfig = field(default_factory=lambda: RewardConfig("mini_prompt"))
+    max_retries: int = 3  # a reward that raises is retried with backoff, then the run checkpoints and exits
+    retry_backoff_s: float = 1.0
+
+
+@dataclass
+class AdvantageConfig:
+    std: Literal["group", "global"] = "group"  # Eq. 8 per group, or Flow-GRPO's batch-wide std
+    eps: float = 1e-6
+    synergy: Literal["tanh", "min", "max", "harmonic", "none", "linear"] = "tanh"  # SARS term, Eq. 10
+    alpha: float = 0.5  # synergy coefficient, Eq. 11
+    schedule: Literal["paper", "static", "inverted", "linear"] = "paper"  # TDW, Eq. 12
+    w_max: float = 0.7
+    w_min: float = 0.3
+    ratio: list[float] = field(default_factory=lambda: [1.0, 1.0])  # w_id : w_prompt for `static`
+    t_c: float | None = None  # TDW centre; None = 14/25 of T (not given in the paper)
+    lam: float = 0.8  # TDW sigmoid slope at T=25 (not given in the paper)
+
+
+@dataclass
+class SamplingConfig:
+    num_steps: int = 10  # T, denoising steps of a rollout
+    noise_level: float = 0.7  # SDE noise (Flow-GRPO's `a`)
+    formulation: Literal["flow_grpo", "dance_grpo"] = "flow_grpo"
+    shift: float | None = None  # static sigma shift; None = FLUX's resolution-dependent shift
+    guidance: float | None = None  # for guidance-distilled backbones (FLUX.1-dev: 3.5 in UNO)
+    micro_batch: int = 0  # rollout forward batch; 0 = the whole group batch at once
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 150
+    prompts_per_iteration: int = 4  # B (reference, prompt) pairs per iteration
+    group_size: int = 8  # G images per pair
+    train_steps: int = 5  # k denoising steps trained per iteration
+    step_selection: Literal["random", "all", "window"] = "random"
+    window_size: int = 4  # for `window` (MixGRPO's sliding SDE window)
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0
+    clip_range: float = 1e-4  # ratio clip (Flow-GRPO's default; log-probs are means over many dims)
+    adv_clip: float = 5.0  # advantages are clamped to [-adv_clip, adv_clip]
+    kl_coef: float = 0.0  # KL to the frozen base policy (off by default, as in the paper)
+    inner_epochs: int = 1  # optimisation passes over one rollout batch
+    micro_batch: int = 0  # training forward batch; 0 = all N samples at once
+    optimizer_step: Literal["iteration", "timestep"] = "iteration"  # one AdamW step per iteration or per t
+
+
+@dataclass
+class EvalConfig:
+    every: int = 25  # iterations between held-out evaluations (0 = only at start and end)
+    num_subjects: int = 16
+    prompts_per_kind: int = 1
+    images_per_prompt: int = 1
+    num_steps: int = 10  # ODE steps for evaluation samples
+    seed: int = 1234
+
+
+@dataclass
+class LogConfig:
+    every: int = 1
+    sample_grid_every: int = 50
+    tensorboard: bool = True
+    wandb: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 50  # iterations between checkpoints (0 = only at the end)
+    keep_last: int = 2
+
+
+@dataclass
+class GRPOConfig:
+    seed: int = 0
+    output_dir: str = "runs/grpo"
+    device: str = "cpu"
+    method: str = "customized_grpo"  # a label for reports
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def validate(self) -> None:
+        t, s = self.train, self.sampling
+        _require(t.group_size >= 2, "train.group_size", t.group_size, "at least 2 (advantages are relative)")
+        _require(t.prompts_per_iteration >= 1, "train.prompts_per_iteration", t.prompts_per_iteration, ">= 1")
+        _require(s.num_steps >= 2, "sampling.num_steps", s.num_steps, ">= 2")
+        # The last step (to sigma = 0) has no SDE noise, so at most T - 1 steps can be trained.
+        _require(
+            1 <= t.train_steps <= s.num_steps - 1,
+            "train.train_steps",
+            t.train_steps,
+            f"between 1 and sampling.num_steps - 1 = {s.num_steps - 1}",
+        )
+        _require(t.iterations >= 0, "train.iterations", t.iterations, ">= 0")
+        _require(t.lr > 0, "train.lr", t.lr, "> 0")
+        _require(t.clip_range > 0, "train.clip_range", t.clip_range, "> 0")
+        _require(t.adv_clip > 0, "train.adv_clip", t.adv_clip, "> 0")
+        _require(t.inner_epochs >= 1, "train.inner_epochs", t.inner_epochs, ">= 1")
+        _require(s.noise_level > 0, "sampling.noise_level", s.noise_level, "> 0 (GRPO needs SDE rollouts)")
+        a = self.advantage
+        _require(a.alpha >= 0, "advantage.alpha", a.alpha, ">= 0")
+        _require(
+            0 <= a.w_min <= a.w_max <= 1,
+            "advantage.w_min/w_max",
+            (a.w_min, a.w_max),
+            "0 <= w_min <= w_max <= 1",
+        )
+        _require(
+            len(a.ratio) == 2 and min(a.ratio) >= 0 and sum(a.ratio) > 0,
+            "advantage.ratio",
+            a.ratio,
+            "two non-negative numbers w_id, w_prompt",
+        )
+        _require(len(t.betas) == 2, "train.betas", t.betas, "two numbers")
+        _require(self.checkpoint.keep_last >= 1, "checkpoint.keep_last", self.checkpoint.keep_last, ">= 1")
+
+
+def _require(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} = {value!r} is invalid: expected {expected}")

@@ -1,0 +1,110 @@
+"""Run logging: one JSON object per step in ``metrics.jsonl``, TensorBoard scalars, a rich console line."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+
+class MetricsLogger:
+    """Append-only metrics log; on resume, lines past the resumed step are dropped first."""
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        tensorboard: bool = True,
+        wandb: bool = False,
+        resume_step: int | None = None,
+        console: Console | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.output_dir / "metrics.jsonl"
+        if resume_step is not None:
+            self._truncate_after(resume_step)
+        elif self.path.exists():
+            self.path.unlink()
+        self.console = console or Console(stderr=True)
+        self._writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
+        self._wandb = None
+        if wandb:
+            try:
+                import wandb as wandb_module
+            except ImportError:
+                self.console.print("[yellow]log.wandb is true but wandb is not installed; skipping W&B[/]")
+            else:
+                self._wandb = wandb_module.init(dir=str(self.output_dir), config=config or {}, resume="allow")
+
+    def _truncate_after(self, step: int) -> None:
+        # A run killed after logging step s but before checkpointing it re-runs s; keep one line per step.
+        if not self.path.exists():
+            return
+        kept = [
+            line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step
+        ]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, step: int, metrics: dict[str, float], echo: bool = True) -> None:
+        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self._writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, int | float) and math.isfinite(value):
+                    self._writer.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(record, step=step)
+        if echo:
+            self.console.print(_console_line(record))
+
+    def add_image(self, tag: str, image_hwc, step: int) -> None:
+        if self._writer is not None:
+            self._writer.add_image(tag, image_hwc, step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float):
+        return round(value, 6) if math.isfinite(value) else None
+    return value
+
+
+_CONSOLE_KEYS = (
+    "loss",
+    "reward/id",
+    "reward/prompt",
+    "conflict_rate",
+    "clip_fraction",
+    "eval/id",
+    "eval/prompt",
+)
+
+
+def _console_line(record: dict[str, Any]) -> str:
+    parts = [f"[bold]step {record['step']:>4}[/]"]
+    for key in _CONSOLE_KEYS:
+        value = record.get(key)
+        if isinstance(value, float):
+            parts.append(f"{key} [cyan]{value:.4f}[/]")
+    return "  ".join(parts)
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a ``metrics.jsonl`` file."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
