@@ -107,7 +107,7 @@ def filter_dataset(
 ) -> FilterResult:
     """Keep the best-scoring ``keep_fraction`` (rounded up) or ``keep_count`` records of a dataset.
 
-    ``reward_options`` maps a reward name to its build options, e.g. ``{"dino": {"model_path": ...}}``.
+    ``reward_options`` maps a reward name to its build options, e.g. ``{"dino": {"path": ...}}``.
     ``image_size``: score tensors ``[N, 3, H, W]`` resized/center-cropped to it (else PIL images, any size).
     ``scores_csv`` defaults to ``scores.csv`` beside ``out_jsonl``. The dataset is validated first.
     """

@@ -1,0 +1,125 @@
+"""Small helpers shared by the rewards that wrap transformers models (clip, dino, dino_seg, hpsv3).
+
+Kept free of any model family so that each family stays in its own file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/``"auto"`` -> cuda when available, else cpu; anything else goes to ``torch.device``."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, auto: torch.dtype = torch.float32):
+    """A dtype name (``"float32"``, ``"bfloat16"``, ``"float16"``, ``"auto"``) or a ``torch.dtype``.
+
+    ``"auto"`` (or ``None``) gives ``auto`` on an accelerator and float32 on the CPU, where half precision is
+    slow and inaccurate.
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return auto if device.type != "cpu" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype '{dtype}'; expected one of {sorted(set(_DTYPES))} or 'auto'")
+    return _DTYPES[dtype]
+
+
+def require_dir(path: str | os.PathLike | None, reward: str, option: str, what: str) -> Path:
+    """Check that ``path`` is a local directory; errors name the reward, the option and what belongs there."""
+    if path is None:
+        raise ValueError(f"{reward}: option '{option}' is required: the local directory of {what}")
+    resolved = Path(path).expanduser()
+    if not resolved.is_dir():
+        raise FileNotFoundError(
+            f"{reward}: {option}='{path}' is not a directory; expected a local directory of {what} "
+            "(model weights are never downloaded at run time)"
+        )
+    return resolved
+
+
+def batches(n: int, size: int) -> Iterator[slice]:
+    """Slices ``[0, size), [size, 2 size), ...`` covering ``range(n)``."""
+    if size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {size}")
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def to_model(inputs: Mapping[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict:
+    """Move processor outputs to the model's device; floating tensors also take the model's dtype."""
+    moved = {}
+    for key, value in inputs.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, dtype) if value.is_floating_point() else value.to(device)
+        moved[key] = value
+    return moved
+
+
+def pooled(output) -> torch.Tensor:
+    """``get_*_features`` return a tensor in transformers 4 and a ModelOutput (``pooler_output``) in 5."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def image_hash(image: Image.Image, extra: str = "") -> str:
+    """A content hash of an RGB image (pixels and size) plus ``extra`` (e.g. the subject), for caches."""
+    digest = hashlib.sha1(usedforsecurity=False)
+    digest.update(f"{image.size}|{extra}|".encode())
+    digest.update(image.convert("RGB").tobytes())
+    return digest.hexdigest()
+
+
+def check_subjects(subjects: Sequence[str] | None, n: int) -> None:
+    if subjects is not None and len(subjects) != n:
+        raise ValueError(f"reward batch mismatch: {n} images but {len(subjects)} subjects")
+
+
+class LRUCache:
+    """A bounded mapping that forgets the least recently used entries (reference embeddings repeat)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def get(self, key: str) -> torch.Tensor | None:
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def put(self, key: str, value: torch.Tensor) -> None:
+        if self.capacity <= 0:
+            return
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def clear(self) -> None:
+        self._items.clear()
