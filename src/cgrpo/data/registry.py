@@ -38,3 +38,19 @@ def dreambench_dataset(
     from cgrpo.data.dreambench import load_dreambench
 
     return load_dreambench(path, image_size, subjects, prompts_per_subject, unique_token)
+
+
+@DATASETS.register("mini")
+def mini_dataset(
+    split: str = "train",
+    image_size: int = 32,
+    num_train_subjects: int = 600,
+    num_test_subjects: int = 64,
+    prompts_per_subject: int = 8,
+    seed: int = 0,
+) -> SubjectDataset:
+    """The procedural mini world (CPU): subjects, prompts of every kind and ground-truth targets."""
+    from cgrpo.data.miniworld import MiniWorld
+
+    world = MiniWorld(image_size, num_train_subjects, num_test_subjects, seed=seed)
+    return world.dataset(split, prompts_per_subject=prompts_per_subject, seed=seed)

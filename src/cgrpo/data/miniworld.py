@@ -1,0 +1,644 @@
+"""The mini world: procedural subjects and prompts on which identity and prompt following really compete.
+
+A *subject* is a flat sprite: a shape family (the class, "a triangle"), a body colour, a pattern in a
+second colour and a small square *mark* in a third colour at a fixed place on the body. Its reference
+image shows it alone, centred, at the default size, on a light-grey background.
+
+Prompts come from a small grammar that mirrors DreamBench's prompt kinds::
+
+    a [small|large] [<colour>] [striped] <shape> [upside down] [in the <corner>] [<context>]
+
+- ``context``   a background ("on a blue floor", "at night") — identity-neutral;
+- ``placement`` a corner or a size ("in the top left", "a small heart") — identity-neutral;
+- ``property``  a recolour, "striped" or "upside down" — these *change the subject's look*, so a
+  faithful ground truth necessarily differs from the reference (the paper's fidelity–editability
+  conflict); the mark and the untouched parts of the identity are kept;
+- ``combo``     two of the above (property + context, placement/size + context);
+- ``plain``     "a <shape>".
+
+``MiniWorld.render(subject, prompt)`` draws the ground truth of every (subject, prompt): pixel-exact,
+deterministic, vectorised numpy (about 50 µs per 32x32 image).
+
+Upside-down prompts are only produced for shapes whose orientation is visible (``ORIENTABLE``): the
+vertically symmetric ones (circle, square, diamond, cross, ring) would only show it through their
+mark, which is too subtle to be a fair prompt. ``render`` still draws it if asked.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cgrpo.data.base import Example
+
+KINDS = ("plain", "context", "placement", "property", "combo")
+
+DEFAULT_BACKGROUND = (0.75, 0.75, 0.73)  # light neutral grey of every reference image
+DEFAULT_SIZE = 0.5  # subject extent as a fraction of the image side
+DEFAULT_CENTRE = (0.5, 0.5)  # (x, y) as fractions of the image side
+
+# Body colours; every one is also a recolour word of the grammar.
+BODY_COLORS: dict[str, tuple[float, float, float]] = {
+    "red": (0.85, 0.10, 0.10),
+    "orange": (1.00, 0.55, 0.00),
+    "yellow": (0.98, 0.85, 0.10),
+    "green": (0.10, 0.60, 0.15),
+    "blue": (0.10, 0.25, 0.85),
+    "purple": (0.50, 0.15, 0.65),
+    "pink": (1.00, 0.40, 0.70),
+    "brown": (0.45, 0.25, 0.08),
+    "teal": (0.00, 0.50, 0.50),
+}
+# Pattern and mark colours (never words of the grammar: the prompt cannot name them).
+ACCENT_COLORS: dict[str, tuple[float, float, float]] = {
+    "white": (1.00, 1.00, 1.00),
+    "black": (0.05, 0.05, 0.05),
+    "yellow": (0.98, 0.85, 0.10),
+    "cyan": (0.20, 0.90, 0.95),
+    "navy": (0.05, 0.05, 0.40),
+}
+COLORS: dict[str, tuple[float, float, float]] = {**ACCENT_COLORS, **BODY_COLORS}
+
+# Context phrases and the uniform background colour each one means.
+CONTEXTS: dict[str, tuple[float, float, float]] = {
+    "on a blue floor": (0.45, 0.62, 0.90),
+    "on a green background": (0.55, 0.80, 0.45),
+    "on the beach": (0.93, 0.84, 0.60),
+    "at night": (0.05, 0.06, 0.20),
+    "on a red carpet": (0.60, 0.08, 0.15),
+}
+# Corners: subject centre (x, y) as fractions of the image side (keeps a default-size subject inside).
+PLACEMENTS: dict[str, tuple[float, float]] = {
+    "top left": (0.3, 0.3),
+    "top right": (0.7, 0.3),
+    "bottom left": (0.3, 0.7),
+    "bottom right": (0.7, 0.7),
+}
+SIZES: dict[str, float] = {"small": 0.3, "large": 0.8}
+
+# Any two colours of one image (body, pattern, mark, background) are at least this far apart in RGB, so
+# the subject separates cleanly from its background and its pattern and mark stay visible.
+MIN_CONTRAST = 0.4
+
+
+# Shapes live in local coordinates u (right) and v (down), both in [-1, 1]; every shape touches all four
+# sides of that box, so the bounding box of a drawn subject is its size. "Up" is v = -1.
+def _circle(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    return u * u + v * v <= 1.0
+
+
+def _square(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    return (np.abs(u) <= 1.0) & (np.abs(v) <= 1.0)
+
+
+def _diamond(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    return np.abs(u) + np.abs(v) <= 1.0
+
+
+def _cross(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    inside = (np.abs(u) <= 1.0) & (np.abs(v) <= 1.0)
+    return inside & ((np.abs(u) <= 0.36) | (np.abs(v) <= 0.36))
+
+
+def _ring(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    r2 = u * u + v * v
+    return (r2 <= 1.0) & (r2 >= 0.42**2)
+
+
+def _triangle(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    # apex up, base down
+    return (v >= -1.0) & (v <= 1.0) & (np.abs(u) <= (v + 1.0) / 2.0)
+
+
+def _heart(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    # (x^2 + y^2 - 1)^3 <= x^2 y^3 spans x in [-1.139, 1.139], y in [-1, 1.236]; lobes up, point down
+    x = 1.139 * u
+    y = 0.118 - 1.118 * v
+    return (x * x + y * y - 1.0) ** 3 - x * x * y**3 <= 0.0
+
+
+def _arrow(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    head = (v >= -1.0) & (v <= 0.05) & (np.abs(u) <= v + 1.0)
+    shaft = (v >= 0.0) & (v <= 1.0) & (np.abs(u) <= 0.38)
+    return head | shaft
+
+
+def _house(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    roof = (v >= -1.0) & (v <= -0.1) & (np.abs(u) <= (v + 1.0) / 0.9)
+    walls = (v >= -0.1) & (v <= 1.0) & (np.abs(u) <= 0.75)
+    return roof | walls
+
+
+SHAPES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "circle": _circle,
+    "square": _square,
+    "diamond": _diamond,
+    "cross": _cross,
+    "ring": _ring,
+    "triangle": _triangle,
+    "heart": _heart,
+    "arrow": _arrow,
+    "house": _house,
+}
+ORIENTABLE = frozenset({"triangle", "heart", "arrow", "house"})  # upside down is visible from the outline
+
+_PERIOD = 2.0 / 3.0  # pattern period in local units: three periods across the body
+
+
+def _stripes(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    # horizontal bands: six bands of 1/3 across the body, odd ones in the pattern colour
+    return np.floor((v + 1.0) / (_PERIOD / 2.0)).astype(np.int64) % 2 == 1
+
+
+def _dots(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    du = np.mod(u + 1.0, _PERIOD) - _PERIOD / 2.0
+    dv = np.mod(v + 1.0, _PERIOD) - _PERIOD / 2.0
+    return du * du + dv * dv <= 0.2**2
+
+
+def _two_tone(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    return v < 0.0  # the upper half
+
+
+def _checker(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    return (np.floor((u + 1.0) * 2.0) + np.floor((v + 1.0) * 2.0)).astype(np.int64) % 2 == 1
+
+
+def _solid(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    return np.zeros(np.broadcast_shapes(u.shape, v.shape), dtype=bool)
+
+
+PATTERNS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "solid": _solid,
+    "stripes": _stripes,
+    "dots": _dots,
+    "two-tone": _two_tone,
+    "checker": _checker,
+}
+
+# Candidate mark centres (u, v); each shape keeps those whose square lies fully on its body.
+MARK_HALF = 0.18
+MARK_POSITIONS: dict[str, tuple[float, float]] = {
+    "center": (0.0, 0.0),
+    "top": (0.0, -0.55),
+    "bottom": (0.0, 0.6),
+    "left": (-0.6, 0.0),
+    "right": (0.6, 0.0),
+    "upper-left": (-0.45, -0.45),
+    "upper-right": (0.45, -0.45),
+    "lower-left": (-0.45, 0.5),
+    "lower-right": (0.45, 0.5),
+}
+
+
+@functools.cache
+def valid_marks(shape: str) -> tuple[str, ...]:
+    """Mark positions whose square lies fully on ``shape``'s body (checked on a fine grid)."""
+    offsets = np.linspace(-MARK_HALF, MARK_HALF, 13)
+    du, dv = np.meshgrid(offsets, offsets)
+    return tuple(
+        name for name, (mu, mv) in MARK_POSITIONS.items() if bool(SHAPES[shape](mu + du, mv + dv).all())
+    )
+
+
+def _distance(a: tuple[float, float, float], b: tuple[float, float, float]) -> float:
+    return float(np.linalg.norm(np.subtract(a, b)))
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One identity of the mini world; colours are names in ``COLORS``, ``mark`` a ``MARK_POSITIONS`` key."""
+
+    id: str
+    shape: str
+    body_color: str
+    pattern: str
+    pattern_color: str
+    mark: str
+    mark_color: str
+
+    @property
+    def class_name(self) -> str:
+        """The class phrase used in prompts, with its article: ``"a triangle"``, ``"an arrow"``."""
+        return f"{_article(self.shape)} {self.shape}"
+
+    @property
+    def colors(self) -> tuple[str, str, str]:
+        return (self.body_color, self.pattern_color, self.mark_color)
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """A parsed prompt; every field but ``shape`` is None where the prompt does not ask for it.
+
+    ``background``: a ``CONTEXTS`` phrase; ``position``: a ``PLACEMENTS`` key; ``size``: a ``SIZES`` key;
+    ``color``: a ``BODY_COLORS`` name; ``pattern``: ``"stripes"``; ``upside_down``: True.
+    """
+
+    shape: str
+    background: str | None = None
+    position: str | None = None
+    size: str | None = None
+    color: str | None = None
+    pattern: str | None = None
+    upside_down: bool | None = None
+
+    @property
+    def kind(self) -> str:
+        """``plain`` (nothing asked), the single kind asked for, or ``combo`` (two or more attributes)."""
+        asked = [
+            ("context", self.background),
+            ("placement", self.position),
+            ("placement", self.size),
+            ("property", self.color),
+            ("property", self.pattern),
+            ("property", self.upside_down),
+        ]
+        kinds = [kind for kind, value in asked if value is not None]
+        if not kinds:
+            return "plain"
+        return kinds[0] if len(kinds) == 1 else "combo"
+
+    @property
+    def background_rgb(self) -> tuple[float, float, float]:
+        return CONTEXTS[self.background] if self.background is not None else DEFAULT_BACKGROUND
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        return PLACEMENTS[self.position] if self.position is not None else DEFAULT_CENTRE
+
+    @property
+    def extent(self) -> float:
+        return SIZES[self.size] if self.size is not None else DEFAULT_SIZE
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def format_prompt(spec: PromptSpec) -> str:
+    """The grammar's text for ``spec`` (inverse of ``parse_prompt``)."""
+    words = [w for w in (spec.size, spec.color, "striped" if spec.pattern else None, spec.shape) if w]
+    parts = [_article(words[0]), *words]
+    if spec.upside_down:
+        parts += ["upside", "down"]
+    if spec.position is not None:
+        parts += ["in", "the", *spec.position.split()]
+    if spec.background is not None:
+        parts.append(spec.background)
+    return " ".join(parts)
+
+
+def parse_prompt(prompt: str) -> PromptSpec:
+    """Parse a prompt of the grammar; raises ValueError naming the first word outside it."""
+    words = prompt.strip().split()
+    if not words or words[0] not in ("a", "an"):
+        raise ValueError(f"mini-world prompt {prompt!r} must start with 'a' or 'an'")
+    fields: dict[str, object] = {}
+    i = 1
+    if i < len(words) and words[i] in SIZES:
+        fields["size"] = words[i]
+        i += 1
+    if i < len(words) and words[i] in BODY_COLORS:
+        fields["color"] = words[i]
+        i += 1
+    if i < len(words) and words[i] == "striped":
+        fields["pattern"] = "stripes"
+        i += 1
+    if i >= len(words) or words[i] not in SHAPES:
+        found = words[i] if i < len(words) else "the end of the prompt"
+        raise ValueError(
+            f"mini-world prompt {prompt!r}: expected a shape ({', '.join(SHAPES)}) but found {found!r}"
+        )
+    fields["shape"] = words[i]
+    rest = words[i + 1 :]
+    if rest[:2] == ["upside", "down"]:
+        fields["upside_down"] = True
+        rest = rest[2:]
+    if rest[:2] == ["in", "the"] and " ".join(rest[2:4]) in PLACEMENTS:
+        fields["position"] = " ".join(rest[2:4])
+        rest = rest[4:]
+    for phrase in CONTEXTS:
+        if rest[: len(phrase.split())] == phrase.split():
+            fields["background"] = phrase
+            rest = rest[len(phrase.split()) :]
+            break
+    if rest:
+        raise ValueError(f"mini-world prompt {prompt!r}: unexpected text {' '.join(rest)!r}")
+    return PromptSpec(**fields)  # type: ignore[arg-type]
+
+
+def vocabulary() -> list[str]:
+    """Every word the grammar can produce, sorted (for the text tokenizer)."""
+    words = {"a", "an", "striped", "upside", "down", "in", "the", *SIZES, *BODY_COLORS, *SHAPES}
+    for phrase in [*PLACEMENTS, *CONTEXTS]:
+        words.update(phrase.split())
+    return sorted(words)
+
+
+# --------------------------------------------------------------------------------------------- prompts
+def _context_ok(background: str, colors: Sequence[str]) -> bool:
+    return all(_distance(CONTEXTS[background], COLORS[c]) >= MIN_CONTRAST for c in colors)
+
+
+def _recolours(subject: Subject) -> list[str]:
+    """Body colours a property prompt may ask for: new, and distinct from the pattern and mark."""
+    return [
+        c
+        for c in BODY_COLORS
+        if c != subject.body_color
+        and _distance(BODY_COLORS[c], DEFAULT_BACKGROUND) >= MIN_CONTRAST
+        and all(_distance(BODY_COLORS[c], COLORS[o]) >= MIN_CONTRAST for o in subject.colors[1:])
+    ]
+
+
+def _property_groups(subject: Subject) -> list[list[PromptSpec]]:
+    groups = [[PromptSpec(subject.shape, color=c) for c in _recolours(subject)]]
+    if subject.pattern != "stripes":
+        groups.append([PromptSpec(subject.shape, pattern="stripes")])
+    if subject.shape in ORIENTABLE:
+        groups.append([PromptSpec(subject.shape, upside_down=True)])
+    return groups
+
+
+def _placement_groups(subject: Subject) -> list[list[PromptSpec]]:
+    return [
+        [PromptSpec(subject.shape, position=p) for p in PLACEMENTS],
+        [PromptSpec(subject.shape, size=s) for s in SIZES],
+    ]
+
+
+def _with_contexts(subject: Subject, spec: PromptSpec) -> list[PromptSpec]:
+    colors = [spec.color or subject.body_color, subject.pattern_color, subject.mark_color]
+    return [PromptSpec(**{**spec.__dict__, "background": b}) for b in CONTEXTS if _context_ok(b, colors)]
+
+
+@functools.cache
+def prompt_groups(subject: Subject, kind: str) -> tuple[tuple[str, ...], ...]:
+    """The prompts of ``kind`` that make sense for ``subject``, grouped by what they ask (fixed order).
+
+    Groups: recolours / striped / upside down for ``property``; corners / sizes for ``placement``; each of
+    those crossed with the contexts for ``combo``. Sampling picks a group first, so that the nine
+    recolours do not drown "striped" and "upside down".
+    """
+    base = PromptSpec(subject.shape)
+    if kind == "plain":
+        groups = [[base]]
+    elif kind == "context":
+        groups = [_with_contexts(subject, base)]
+    elif kind == "placement":
+        groups = _placement_groups(subject)
+    elif kind == "property":
+        groups = _property_groups(subject)
+    elif kind == "combo":
+        groups = [
+            [c for s in group for c in _with_contexts(subject, s)]
+            for group in _property_groups(subject) + _placement_groups(subject)
+        ]
+    else:
+        raise ValueError(f"unknown mini-world prompt kind {kind!r}; expected one of {', '.join(KINDS)}")
+    return tuple(tuple(format_prompt(s) for s in group) for group in groups if group)
+
+
+def prompts_for(subject: Subject, kind: str) -> tuple[str, ...]:
+    """All prompts of ``kind`` that make sense for ``subject`` (fixed order)."""
+    return tuple(p for group in prompt_groups(subject, kind) for p in group)
+
+
+def _check_kinds(kinds: Sequence[str] | None) -> tuple[str, ...]:
+    if kinds is None:
+        return KINDS
+    if isinstance(kinds, str):
+        kinds = [kinds]
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise ValueError(
+            f"unknown mini-world prompt kinds {unknown or kinds}; expected some of {', '.join(KINDS)}"
+        )
+    return tuple(kinds)
+
+
+def _randint(rng: np.random.Generator | torch.Generator, high: int) -> int:
+    if isinstance(rng, torch.Generator):
+        return int(torch.randint(high, (1,), generator=rng).item())
+    return int(rng.integers(high))
+
+
+def sample_prompt(
+    subject: Subject, rng: np.random.Generator | torch.Generator, kinds: Sequence[str] | None = None
+) -> tuple[str, str]:
+    """(prompt, kind): a kind uniformly from ``kinds`` (default all), then a group, then a prompt."""
+    choices = [k for k in _check_kinds(kinds) if prompt_groups(subject, k)]
+    kind = choices[_randint(rng, len(choices))]
+    groups = prompt_groups(subject, kind)
+    prompts = groups[_randint(rng, len(groups))]
+    return prompts[_randint(rng, len(prompts))], kind
+
+
+# ------------------------------------------------------------------------------------------- rendering
+@functools.cache
+def _pixel_offsets(image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) ``[H, W]`` float64 pixel centres relative to the image centre, as fractions of the side.
+
+    Computed from half-integers so that they are exactly antisymmetric: flipping an image rows-wise is then
+    pixel-exact the same as drawing it upside down.
+    """
+    c = (np.arange(image_size, dtype=np.float64) + 0.5 - image_size / 2.0) / image_size
+    y, x = np.meshgrid(c, c, indexing="ij")
+    return x, y
+
+
+def draw(subject: Subject, spec: PromptSpec, image_size: int) -> np.ndarray:
+    """``[H, W, 3]`` float32 in [0, 1]: ``subject`` drawn as ``spec`` asks (the ground truth)."""
+    x, y = _pixel_offsets(image_size)
+    cx, cy = spec.centre
+    half = spec.extent / 2.0
+    u = (x - (cx - 0.5)) / half
+    v = (y - (cy - 0.5)) / half
+    if spec.upside_down:
+        v = -v  # flips body, pattern and mark together
+    body = SHAPES[subject.shape](u, v)
+    pattern = PATTERNS[spec.pattern or subject.pattern](u, v)
+    mu, mv = MARK_POSITIONS[subject.mark]
+    mark = (np.abs(u - mu) <= MARK_HALF) & (np.abs(v - mv) <= MARK_HALF)
+    # index 0 background, 1 body, 2 pattern, 3 mark; a palette lookup keeps it one vectorised gather
+    index = body.astype(np.int64) * (1 + (pattern & ~mark) + 2 * mark)
+    palette = np.array(
+        [
+            spec.background_rgb,
+            COLORS[spec.color or subject.body_color],
+            COLORS[subject.pattern_color],
+            COLORS[subject.mark_color],
+        ],
+        dtype=np.float32,
+    )
+    return palette[index]
+
+
+def to_chw(image: np.ndarray) -> torch.Tensor:
+    """``[H, W, 3]`` numpy -> ``[3, H, W]`` float32 tensor."""
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+# ----------------------------------------------------------------------------------------------- world
+@functools.cache
+def _identities() -> tuple[tuple[str, str, str, str, str, str], ...]:
+    """Every valid (shape, body, pattern, pattern colour, mark, mark colour), in a fixed order.
+
+    Solid subjects get a single pattern colour (the first valid one) so that no two identities look alike.
+    """
+    out = []
+    for shape, body, pattern in itertools.product(SHAPES, BODY_COLORS, PATTERNS):
+        if _distance(COLORS[body], DEFAULT_BACKGROUND) < MIN_CONTRAST:
+            continue
+        pattern_colors = [
+            c
+            for c in ACCENT_COLORS
+            if c != body
+            and _distance(COLORS[c], COLORS[body]) >= MIN_CONTRAST
+            and _distance(COLORS[c], DEFAULT_BACKGROUND) >= MIN_CONTRAST
+        ]
+        if pattern == "solid":
+            pattern_colors = pattern_colors[:1]
+        for pattern_color, mark, mark_color in itertools.product(
+            pattern_colors, valid_marks(shape), ACCENT_COLORS
+        ):
+            colors = [COLORS[body], COLORS[pattern_color], DEFAULT_BACKGROUND]
+            if all(_distance(COLORS[mark_color], c) >= MIN_CONTRAST for c in colors):
+                out.append((shape, body, pattern, pattern_color, mark, mark_color))
+    return tuple(out)
+
+
+class MiniWorld:
+    """Deterministic set of train and held-out subjects (disjoint identity combinations) and their images."""
+
+    def __init__(
+        self, image_size: int = 32, num_train_subjects: int = 600, num_test_subjects: int = 64, seed: int = 0
+    ) -> None:
+        if image_size < 16:
+            raise ValueError(f"mini-world image_size must be at least 16, got {image_size}")
+        identities = _identities()
+        wanted = num_train_subjects + num_test_subjects
+        if num_train_subjects < 0 or num_test_subjects < 0 or wanted > len(identities):
+            raise ValueError(
+                f"mini world has {len(identities)} distinct subjects; asked for {num_train_subjects} train"
+                f" + {num_test_subjects} test"
+            )
+        order = np.random.default_rng(seed).permutation(len(identities))[:wanted]
+        subjects = [
+            Subject(f"train-{i:04d}", *identities[j]) for i, j in enumerate(order[:num_train_subjects])
+        ]
+        subjects += [
+            Subject(f"test-{i:04d}", *identities[j]) for i, j in enumerate(order[num_train_subjects:])
+        ]
+        self.image_size = image_size
+        self.seed = seed
+        self.train_subjects: list[Subject] = subjects[:num_train_subjects]
+        self.test_subjects: list[Subject] = subjects[num_train_subjects:]
+        self._by_id = {s.id: s for s in subjects}
+        self._references: dict[Subject, torch.Tensor] = {}
+
+    def subject(self, subject_id: str) -> Subject:
+        try:
+            return self._by_id[subject_id]
+        except KeyError:
+            raise KeyError(f"no mini-world subject {subject_id!r}") from None
+
+    def subjects(self, split: str) -> list[Subject]:
+        if split not in ("train", "test"):
+            raise ValueError(f"mini-world split must be 'train' or 'test', got {split!r}")
+        return self.train_subjects if split == "train" else self.test_subjects
+
+    def reference(self, subject: Subject) -> torch.Tensor:
+        """``[3, H, W]`` float32 in [0, 1]: the subject alone, centred, default size, grey background."""
+        if subject not in self._references:
+            self._references[subject] = to_chw(draw(subject, PromptSpec(subject.shape), self.image_size))
+        return self._references[subject].clone()
+
+    def render(self, subject: Subject, prompt: str | PromptSpec) -> torch.Tensor:
+        """``[3, H, W]`` float32 in [0, 1]: the ground-truth image of ``subject`` for ``prompt``."""
+        spec = parse_prompt(prompt) if isinstance(prompt, str) else prompt
+        if spec.shape != subject.shape:
+            raise ValueError(f"prompt asks for a {spec.shape} but subject {subject.id} is a {subject.shape}")
+        return to_chw(draw(subject, spec, self.image_size))
+
+    def sample_prompt(
+        self, subject: Subject, rng: np.random.Generator | torch.Generator, kinds: Sequence[str] | None = None
+    ) -> tuple[str, str]:
+        """(prompt, kind) for ``subject``; see the module-level ``sample_prompt``."""
+        return sample_prompt(subject, rng, kinds)
+
+    def dataset(
+        self,
+        split: str = "train",
+        prompts_per_subject: int = 8,
+        kinds: Sequence[str] | None = None,
+        seed: int = 0,
+    ) -> MiniWorldDataset:
+        """``prompts_per_subject`` sampled prompts per subject of ``split`` (deterministic for ``seed``)."""
+        kinds = _check_kinds(kinds)
+        code = 0 if split == "train" else 1
+        entries = []
+        for i, subject in enumerate(self.subjects(split)):
+            rng = np.random.default_rng([seed, code, i])
+            entries += [(subject, *sample_prompt(subject, rng, kinds)) for _ in range(prompts_per_subject)]
+        return MiniWorldDataset(self, entries)
+
+    def eval_set(
+        self, num_subjects: int = 16, prompts_per_kind: int = 1, seed: int = 1234
+    ) -> MiniWorldDataset:
+        """A fixed held-out set: ``num_subjects`` test subjects x every kind x ``prompts_per_kind`` prompts.
+
+        The prompts of a (subject, kind) go round its groups (e.g. recolour, striped, upside down).
+        """
+        rng = np.random.default_rng(seed)
+        count = min(num_subjects, len(self.test_subjects))
+        picked = sorted(rng.choice(len(self.test_subjects), size=count, replace=False).tolist())
+        entries = []
+        for index in picked:
+            subject = self.test_subjects[index]
+            for kind in KINDS:
+                groups = prompt_groups(subject, kind)
+                order = rng.permutation(len(groups))
+                for j in range(prompts_per_kind):
+                    group = groups[order[j % len(groups)]]
+                    entries.append((subject, group[int(rng.integers(len(group)))], kind))
+        return MiniWorldDataset(self, entries)
+
+
+class MiniWorldDataset:
+    """A ``SubjectDataset`` over (subject, prompt, kind) entries; images are rendered on access."""
+
+    def __init__(self, world: MiniWorld, entries: Sequence[tuple[Subject, str, str]]) -> None:
+        self.world = world
+        self.entries = list(entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> Example:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"mini-world dataset index {index} out of range for {len(self)} examples")
+        subject, prompt, kind = self.entries[index]
+        return Example(
+            id=f"{subject.id}/{index % len(self)}",
+            subject_id=subject.id,
+            subject_class=subject.shape,
+            prompt=prompt,
+            reference=self.world.reference(subject),
+            target=self.world.render(subject, prompt),
+            kind=kind,
+        )
+
+    def __iter__(self):
+        for index in range(len(self)):
+            yield self[index]
+
+    @property
+    def subjects(self) -> list[Subject]:
+        return [subject for subject, _, _ in self.entries]
