@@ -1,0 +1,266 @@
+"""The FastAPI app of a pairwise study: annotation pages, the vote API, images and the admin page.
+
+Routes (every one except ``/static`` needs a token; ``/static`` holds only the page's CSS and JS):
+
+- ``GET /a/{token}``: the invite link; sets an HttpOnly cookie and redirects to ``/annotate`` (or
+  ``/admin``). A token is also accepted as ``Authorization: Bearer ...`` or ``?token=...``.
+- ``GET /annotate``: the current pair (reference, prompt, two images, three criteria, key legend).
+- ``GET /api/next``: the same as JSON. ``POST /api/votes``: one judgement of a pair on every criterion,
+  given as left/tie/right; stored as method A/B. 201 on success, 409 for a second vote.
+- ``GET /img/{pair_id}/{slot}``: slot ``reference``, ``left`` or ``right`` (annotators, only for pairs
+  shown to them) or ``a``/``b`` (admins). Files come from the pairs table, never from the request.
+- ``GET /admin``, ``/admin/results.json``, ``/admin/results.csv``: results (admins only).
+"""
+
+import hmac
+from pathlib import Path
+from typing import Annotated, Literal
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from cgrpo.humaneval.export import build_results, results_to_csv
+from cgrpo.humaneval.pairs import PAIR_ID_PATTERN
+from cgrpo.humaneval.store import (
+    CRITERIA,
+    CRITERION_LABELS,
+    DuplicateVote,
+    PairNotShown,
+    Principal,
+    Side,
+    Store,
+    UnknownPair,
+    hash_token,
+)
+
+PACKAGE_DIR = Path(__file__).parent
+COOKIE_NAME = "cgrpo_humaneval_token"
+COOKIE_MAX_AGE_S = 30 * 24 * 3600
+# Keys per criterion in the order left / tie / right; the page shows them as a legend.
+SHORTCUTS: dict[str, tuple[str, str, str]] = {
+    "identity": ("1", "2", "3"),
+    "prompt": ("q", "w", "e"),
+    "overall": ("a", "s", "d"),
+}
+SECURITY_HEADERS = {
+    "content-security-policy": (
+        "default-src 'none'; img-src 'self'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",  # the invite token must never leak through a Referer header
+    "x-frame-options": "DENY",
+}
+
+
+class VoteIn(BaseModel):
+    """One submission: the annotator's judgement of one pair on every criterion, as clicked."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pair_id: str = Field(pattern=PAIR_ID_PATTERN)
+    identity: Side
+    prompt: Side
+    overall: Side
+    elapsed_ms: int | None = Field(default=None, ge=0, le=24 * 3600 * 1000)
+
+
+class SecurityHeadersMiddleware:
+    """Adds the security headers to every response (plain ASGI: no per-request task overhead)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in SECURITY_HEADERS.items():
+                    headers.setdefault(name, value)
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def _request_token(request: Request) -> str | None:
+    authorization = request.headers.get("authorization", "")
+    if authorization.lower().startswith("bearer "):
+        return authorization[7:].strip()
+    return request.query_params.get("token") or request.cookies.get(COOKIE_NAME)
+
+
+def create_app(store: Store, *, session_admin_token: str | None = None, n_boot: int = 2000) -> FastAPI:
+    """Build the app over ``store``. ``session_admin_token`` is an admin token valid for this process only."""
+    app = FastAPI(title="cgrpo human evaluation", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(SecurityHeadersMiddleware)
+    app.mount("/static", StaticFiles(directory=PACKAGE_DIR / "static"), name="static")
+    templates = Jinja2Templates(directory=PACKAGE_DIR / "templates")
+    templates.env.filters["pct"] = lambda value: "–" if value is None else f"{100 * value:.0f}%"
+    templates.env.filters["num"] = lambda value: "–" if value is None else f"{value:.2f}"
+    session_hash = hash_token(session_admin_token) if session_admin_token else None
+
+    def authenticate(token: str | None) -> Principal | None:
+        if token and session_hash and hmac.compare_digest(hash_token(token), session_hash):
+            return Principal(annotator_id=None, name="admin (this server session)", is_admin=True)
+        return store.authenticate(token)
+
+    def principal(request: Request) -> Principal:
+        token = _request_token(request)
+        if not token:
+            raise HTTPException(401, "No token: open the invite link you were given.")
+        found = authenticate(token)
+        if found is None:
+            raise HTTPException(401, "This link or token is not valid (it may have been replaced).")
+        return found
+
+    def annotator(who: Annotated[Principal, Depends(principal)]) -> Principal:
+        if who.is_admin or who.annotator_id is None:
+            raise HTTPException(403, "Admin tokens cannot vote; open an annotator's invite link.")
+        return who
+
+    def admin(who: Annotated[Principal, Depends(principal)]) -> Principal:
+        if not who.is_admin:
+            raise HTTPException(403, "This page is for the study admin only.")
+        return who
+
+    def wants_html(request: Request) -> bool:
+        return not request.url.path.startswith(("/api/", "/img/")) and not request.url.path.endswith(
+            (".json", ".csv")
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> Response:
+        if wants_html(request):
+            return templates.TemplateResponse(
+                request,
+                "error.html",
+                {"status": error.status_code, "message": error.detail},
+                error.status_code,
+            )
+        return JSONResponse({"detail": error.detail}, error.status_code, headers=error.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError) -> Response:
+        problems = [
+            {"loc": [str(part) for part in item["loc"]], "msg": item["msg"]} for item in error.errors()
+        ]
+        return JSONResponse({"detail": problems}, 422)
+
+    def with_cookie(response: Response, request: Request) -> Response:
+        """Keep a token that came in the URL as a cookie, so that the page's own requests carry it."""
+        token = request.path_params.get("token") or request.query_params.get("token")
+        if token:
+            response.set_cookie(
+                COOKIE_NAME, token, max_age=COOKIE_MAX_AGE_S, httponly=True, samesite="lax", path="/"
+            )
+        response.headers["cache-control"] = "no-store"
+        return response
+
+    @app.get("/a/{token}")
+    def invite(token: str, request: Request) -> Response:
+        who = authenticate(token)
+        if who is None:
+            raise HTTPException(401, "This invite link is not valid (it may have been replaced).")
+        target = "/admin" if who.is_admin else "/annotate"
+        return with_cookie(RedirectResponse(target, status_code=303), request)
+
+    @app.get("/")
+    def home(who: Annotated[Principal, Depends(principal)], request: Request) -> Response:
+        return with_cookie(RedirectResponse("/admin" if who.is_admin else "/annotate", 303), request)
+
+    @app.get("/annotate", response_class=HTMLResponse)
+    def annotate(who: Annotated[Principal, Depends(annotator)], request: Request) -> Response:
+        assignment = store.next_assignment(who.annotator_id)
+        if assignment.pair is None:
+            context = {"name": who.name, "total": assignment.total}
+            return with_cookie(templates.TemplateResponse(request, "done.html", context), request)
+        context = {
+            "name": who.name,
+            "pair": assignment.pair,
+            "position": assignment.done + 1,
+            "done": assignment.done,
+            "total": assignment.total,
+            "criteria": [(c, CRITERION_LABELS[c], SHORTCUTS[c]) for c in CRITERIA],
+        }
+        return with_cookie(templates.TemplateResponse(request, "annotate.html", context), request)
+
+    @app.get("/api/next")
+    def next_pair(who: Annotated[Principal, Depends(annotator)]) -> dict[str, object]:
+        assignment = store.next_assignment(who.annotator_id)
+        pair = assignment.pair
+        return {
+            "done": assignment.done,
+            "total": assignment.total,
+            "pair_id": None if pair is None else pair.pair_id,
+            "prompt": None if pair is None else pair.prompt,
+            "images": None
+            if pair is None
+            else {slot: f"/img/{pair.pair_id}/{slot}" for slot in ("reference", "left", "right")},
+            "criteria": list(CRITERIA),
+        }
+
+    @app.post("/api/votes", status_code=201)
+    def vote(vote_in: VoteIn, who: Annotated[Principal, Depends(annotator)]) -> dict[str, object]:
+        sides = {criterion: getattr(vote_in, criterion) for criterion in CRITERIA}
+        try:
+            stored = store.record_votes(who.annotator_id, vote_in.pair_id, sides, vote_in.elapsed_ms)
+        except UnknownPair as error:
+            raise HTTPException(404, str(error)) from None
+        except PairNotShown as error:
+            raise HTTPException(409, str(error)) from None
+        except DuplicateVote as error:
+            raise HTTPException(409, str(error)) from None
+        return {"stored": stored, "pair_id": vote_in.pair_id}
+
+    @app.get("/img/{pair_id}/{slot}")
+    def image(
+        pair_id: Annotated[str, PathParam(pattern=PAIR_ID_PATTERN)],
+        slot: Literal["reference", "left", "right", "a", "b"],
+        who: Annotated[Principal, Depends(principal)],
+    ) -> Response:
+        pair = store.get_pair(pair_id)
+        if pair is None:
+            raise HTTPException(404, "No such pair.")
+        if who.is_admin:
+            files = {"reference": pair.reference, "a": pair.image_a, "b": pair.image_b}
+        else:
+            # Annotators address images by screen side only, so that a URL never reveals the method.
+            a_on_left = store.shown_layout(who.annotator_id, pair_id)
+            if a_on_left is None:
+                raise HTTPException(404, "No such image.")
+            left, right = (pair.image_a, pair.image_b) if a_on_left else (pair.image_b, pair.image_a)
+            files = {"reference": pair.reference, "left": left, "right": right}
+        path = files.get(slot)
+        if path is None or not Path(path).is_file():
+            raise HTTPException(404, "No such image.")
+        return FileResponse(path, headers={"cache-control": "no-store"})
+
+    @app.get("/admin", response_class=HTMLResponse)
+    def admin_page(who: Annotated[Principal, Depends(admin)], request: Request) -> Response:
+        results = build_results(store, n_boot=n_boot)
+        context = {"name": who.name, "results": results, "labels": CRITERION_LABELS, "criteria": CRITERIA}
+        return with_cookie(templates.TemplateResponse(request, "admin.html", context), request)
+
+    @app.get("/admin/results.json")
+    def admin_json(who: Annotated[Principal, Depends(admin)]) -> Response:
+        return JSONResponse(build_results(store, n_boot=n_boot), headers={"cache-control": "no-store"})
+
+    @app.get("/admin/results.csv")
+    def admin_csv(who: Annotated[Principal, Depends(admin)]) -> Response:
+        text = results_to_csv(build_results(store, n_boot=n_boot))
+        headers = {"cache-control": "no-store", "content-disposition": 'attachment; filename="results.csv"'}
+        return Response(text, media_type="text/csv", headers=headers)
+
+    return app

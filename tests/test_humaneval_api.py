@@ -1,0 +1,335 @@
+"""The web app through FastAPI's TestClient: auth, blinding, votes, images, traversal, admin, export."""
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from cgrpo.humaneval.app import COOKIE_NAME, create_app
+from cgrpo.humaneval.cli import app as cli_app
+from cgrpo.humaneval.pairs import make_pairs, read_eval_run, write_pairs
+from cgrpo.humaneval.store import Store
+from cgrpo.humaneval.testing import grid_keys, write_eval_run
+
+VOTE = {"identity": "left", "prompt": "right", "overall": "tie"}
+
+
+class Study:
+    def __init__(self, root: Path) -> None:
+        keys = grid_keys(2, 2)
+        run_a = read_eval_run(write_eval_run(root / "eval_a", "alphamethod", keys, size=24))
+        run_b = read_eval_run(write_eval_run(root / "eval_b", "betamethod", keys, size=24, tint=(60, 60, 60)))
+        self.pairs = make_pairs(run_a, run_b)
+        self.pairs_file = write_pairs(root / "pairs.jsonl", self.pairs)
+        self.db = root / "study.sqlite"
+        self.store = Store(self.db)
+        self.store.register_pairs(self.pairs)
+        self.alice = self.store.add_annotator("alice")
+        self.bob = self.store.add_annotator("bob")
+        self.admin = self.store.add_annotator("lead", admin=True)
+        self.session_admin = "session-admin-token-for-tests"
+        self.app = create_app(self.store, session_admin_token=self.session_admin, n_boot=200)
+
+    def client(self, token: str | None = None) -> TestClient:
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        return TestClient(self.app, headers=headers, follow_redirects=False)
+
+
+@pytest.fixture
+def study(tmp_path: Path) -> Study:
+    return Study(tmp_path)
+
+
+def current_pair(client: TestClient) -> str:
+    response = client.get("/api/next")
+    assert response.status_code == 200, response.text
+    return response.json()["pair_id"]
+
+
+def test_every_route_needs_a_valid_token(study):
+    anonymous = study.client()
+    for path in ("/", "/annotate", "/api/next", "/admin", "/admin/results.json", "/admin/results.csv"):
+        assert anonymous.get(path).status_code == 401, path
+        assert anonymous.get(path, params={"token": "not-a-token"}).status_code == 401, path
+        assert (
+            anonymous.get(path, headers={"authorization": "Bearer " + study.alice + "x"}).status_code == 401
+        )
+    pair_id = study.pairs[0].pair_id
+    assert anonymous.get(f"/img/{pair_id}/reference").status_code == 401
+    assert anonymous.post("/api/votes", json={"pair_id": pair_id, **VOTE}).status_code == 401
+    assert anonymous.get("/a/not-a-token").status_code == 401
+    stale_cookie = study.client()
+    stale_cookie.cookies.set(COOKIE_NAME, study.alice[:-2] + "zz")
+    assert stale_cookie.get("/api/next").status_code == 401
+    page = anonymous.get("/annotate")
+    assert "text/html" in page.headers["content-type"] and "invite link" in page.text
+    assert anonymous.get("/static/annotate.js").status_code == 200  # the page's script holds no study data
+
+
+def test_invite_link_sets_a_cookie_and_redirects(study):
+    client = study.client()
+    response = client.get(f"/a/{study.alice}")
+    assert response.status_code == 303 and response.headers["location"] == "/annotate"
+    cookie = response.headers["set-cookie"]
+    assert (
+        f"{COOKIE_NAME}={study.alice}" in cookie and "HttpOnly" in cookie and "samesite=lax" in cookie.lower()
+    )
+    page = client.get("/annotate")  # the cookie alone authenticates now
+    assert page.status_code == 200 and "Pair 1 of 4" in page.text
+    assert page.headers["referrer-policy"] == "no-referrer"
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    admin_redirect = study.client().get(f"/a/{study.admin}")
+    assert admin_redirect.headers["location"] == "/admin"
+    assert study.client().get("/annotate", params={"token": study.bob}).status_code == 200
+
+
+def test_annotation_page_is_blind_and_shows_legend_and_progress(study):
+    page = study.client(study.alice).get("/annotate").text
+    pair = study.store.get_pair(current_pair(study.client(study.alice)))
+    assert (
+        pair.prompt in page and f"/img/{pair.pair_id}/left" in page and f"/img/{pair.pair_id}/right" in page
+    )
+    for secret in ("alphamethod", "betamethod", f"/img/{pair.pair_id}/a", f"/img/{pair.pair_id}/b", "eval_"):
+        assert secret not in page, secret
+    for key in ("1", "2", "3", "Q", "W", "E", "A", "S", "D", "Enter"):
+        assert f"<kbd>{key}</kbd>" in page
+    assert "Pair 1 of 4" in page
+
+
+def test_vote_is_recorded_as_method_a_or_b_and_progress_advances(study):
+    client = study.client(study.alice)
+    pair_id = current_pair(client)
+    a_on_left = study.store.shown_layout(study.store.authenticate(study.alice).annotator_id, pair_id)
+    response = client.post("/api/votes", json={"pair_id": pair_id, "elapsed_ms": 4321, **VOTE})
+    assert response.status_code == 201 and response.json() == {"stored": 3, "pair_id": pair_id}
+    left, right = ("a", "b") if a_on_left else ("b", "a")
+    stored = {(v.annotator, v.criterion): (v.choice, v.elapsed_ms) for v in study.store.votes()}
+    assert stored == {
+        ("alice", "identity"): (left, 4321),
+        ("alice", "prompt"): (right, 4321),
+        ("alice", "overall"): ("tie", 4321),
+    }
+    following = client.get("/api/next").json()
+    assert following["done"] == 1 and following["pair_id"] != pair_id
+    assert "Pair 2 of 4" in client.get("/annotate").text
+
+
+def test_second_vote_on_the_same_pair_is_rejected_with_409(study):
+    client = study.client(study.alice)
+    pair_id = current_pair(client)
+    assert client.post("/api/votes", json={"pair_id": pair_id, **VOTE}).status_code == 201
+    again = client.post(
+        "/api/votes", json={"pair_id": pair_id, "identity": "right", "prompt": "tie", "overall": "tie"}
+    )
+    assert again.status_code == 409 and "already has your vote" in again.json()["detail"]
+    assert len(study.store.votes()) == 3
+    # another annotator may judge the same pair
+    bob = study.client(study.bob)
+    bob.get("/annotate")
+    study.store.layout(study.store.authenticate(study.bob).annotator_id, pair_id)
+    assert bob.post("/api/votes", json={"pair_id": pair_id, **VOTE}).status_code == 201
+
+
+def test_votes_are_validated(study):
+    client = study.client(study.alice)
+    pair_id = current_pair(client)
+    bad_bodies = [
+        {"pair_id": pair_id, "identity": "left", "prompt": "right"},  # a criterion missing
+        {"pair_id": pair_id, **VOTE, "identity": "a"},  # methods are never sent by the page
+        {"pair_id": pair_id, **VOTE, "extra": 1},
+        {"pair_id": "../../etc/passwd", **VOTE},
+        {"pair_id": pair_id, **VOTE, "elapsed_ms": -5},
+    ]
+    for body in bad_bodies:
+        assert client.post("/api/votes", json=body).status_code == 422, body
+    assert (
+        client.post(
+            "/api/votes", content=b"not json", headers={"content-type": "application/json"}
+        ).status_code
+        == 422
+    )
+    assert client.post("/api/votes", json={"pair_id": "0" * 16, **VOTE}).status_code == 404
+    unseen = next(p.pair_id for p in study.pairs if p.pair_id != pair_id)
+    response = client.post("/api/votes", json={"pair_id": unseen, **VOTE})
+    assert response.status_code == 409 and "has not been shown" in response.json()["detail"]
+    assert study.store.votes() == []
+
+
+def test_admins_cannot_vote_and_annotators_cannot_see_results(study):
+    for token in (study.admin, study.session_admin):
+        admin = study.client(token)
+        assert admin.get("/api/next").status_code == 403
+        assert admin.post("/api/votes", json={"pair_id": study.pairs[0].pair_id, **VOTE}).status_code == 403
+        assert admin.get("/admin").status_code == 200
+    annotator = study.client(study.alice)
+    for path in ("/admin", "/admin/results.json", "/admin/results.csv"):
+        assert annotator.get(path).status_code == 403
+
+
+def test_images_are_served_by_slot_and_reload_keeps_the_order(study):
+    client = study.client(study.alice)
+    pair_id = current_pair(client)
+    pair = study.store.get_pair(pair_id)
+    a_bytes, b_bytes = Path(pair.image_a).read_bytes(), Path(pair.image_b).read_bytes()
+    assert a_bytes != b_bytes
+    left = client.get(f"/img/{pair_id}/left")
+    assert left.status_code == 200 and left.headers["content-type"] == "image/png"
+    assert left.headers["cache-control"] == "no-store"
+    right = client.get(f"/img/{pair_id}/right").content
+    assert {left.content, right} == {a_bytes, b_bytes}
+    for _ in range(3):  # reloads (and a second call of /api/next) show the same order
+        assert current_pair(client) == pair_id
+        assert client.get(f"/img/{pair_id}/left").content == left.content
+    assert client.get(f"/img/{pair_id}/reference").content == Path(pair.reference).read_bytes()
+    # annotators cannot ask for a method by name, nor for a pair they were not shown
+    assert client.get(f"/img/{pair_id}/a").status_code == 404
+    unseen = next(p.pair_id for p in study.pairs if p.pair_id != pair_id)
+    assert client.get(f"/img/{unseen}/left").status_code == 404
+    admin = study.client(study.admin)
+    assert admin.get(f"/img/{pair_id}/a").content == a_bytes
+    assert admin.get(f"/img/{pair_id}/b").content == b_bytes
+
+
+def test_left_right_order_is_randomised_per_annotator_and_pair(tmp_path):
+    keys = grid_keys(4, 5)  # 20 pairs
+    run_a = read_eval_run(write_eval_run(tmp_path / "a", "A", keys, size=8))
+    run_b = read_eval_run(write_eval_run(tmp_path / "b", "B", keys, size=8))
+    store = Store(tmp_path / "s.sqlite")
+    store.register_pairs(make_pairs(run_a, run_b))
+    layouts = []
+    for name in ("x", "y", "z"):
+        annotator = store.authenticate(store.add_annotator(name)).annotator_id
+        layouts += [store.layout(annotator, pair.pair_id) for pair in store.pairs()]
+    # 60 fair coin flips: all equal with probability 2^-59
+    assert 0 < sum(layouts) < len(layouts)
+
+
+def test_path_traversal_attempts_never_reach_the_disk(study, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOP-SECRET")
+    client = study.client(study.alice)
+    pair_id = current_pair(client)
+    attempts = [
+        f"/img/{pair_id}/..%2f..%2fsecret.txt",
+        f"/img/{pair_id}/../../secret.txt",
+        f"/img/..%2f..%2f{tmp_path}%2fsecret.txt/left",
+        f"/img/{pair_id}/{secret}",
+        f"/img/{pair_id}/%2e%2e%2f%2e%2e%2fsecret.txt",
+        "/img/%2e%2e/%2e%2e",
+        "/static/../store.py",
+        "/static/..%2fstore.py",
+        "/static/%2e%2e/store.py",
+        f"/img/{pair_id}/left?path={secret}",
+    ]
+    for url in attempts:
+        response = client.get(url)
+        assert "TOP-SECRET" not in response.text and "class Store" not in response.text, url
+        if "?path=" not in url:
+            assert response.status_code in (404, 422), (url, response.status_code)
+
+
+def test_restart_resumes_where_the_annotator_left_off(study):
+    client = study.client(study.alice)
+    first = current_pair(client)
+    client.post("/api/votes", json={"pair_id": first, **VOTE})
+    second = current_pair(client)
+    left_before = client.get(f"/img/{second}/left").content
+    restarted = TestClient(create_app(Store(study.db), n_boot=200), headers=client.headers)
+    assert "Pair 2 of 4" in restarted.get("/annotate").text
+    assert current_pair(restarted) == second
+    assert restarted.get(f"/img/{second}/left").content == left_before
+    assert restarted.post("/api/votes", json={"pair_id": first, **VOTE}).status_code == 409
+
+
+def test_done_page_after_the_last_pair(study):
+    client = study.client(study.bob)
+    for _ in range(4):
+        assert client.post("/api/votes", json={"pair_id": current_pair(client), **VOTE}).status_code == 201
+    assert client.get("/api/next").json()["pair_id"] is None
+    page = client.get("/annotate")
+    assert page.status_code == 200 and "All 4 pairs judged" in page.text
+
+
+def vote_all(client: TestClient, sides: dict[str, str]) -> None:
+    while (pair_id := current_pair(client)) is not None:
+        assert client.post("/api/votes", json={"pair_id": pair_id, **sides}).status_code == 201
+
+
+def test_admin_page_and_cli_export(study, tmp_path):
+    # alice always prefers method A on identity, bob too: the identity share of A is 100%, agreement perfect
+    user_ids = {}
+    for name, token in (("alice", study.alice), ("bob", study.bob)):
+        client = study.client(token)
+        user_ids[name] = study.store.authenticate(token).annotator_id
+        while (pair_id := current_pair(client)) is not None:
+            a_on_left = study.store.shown_layout(user_ids[name], pair_id)
+            sides = {"identity": "left" if a_on_left else "right", "prompt": "tie", "overall": "left"}
+            assert client.post("/api/votes", json={"pair_id": pair_id, **sides}).status_code == 201
+    page = study.client(study.admin).get("/admin")
+    assert page.status_code == 200
+    assert "alphamethod (A) vs betamethod (B)" in page.text and "alice" in page.text and "100%" in page.text
+
+    results = study.client(study.session_admin).get("/admin/results.json").json()
+    [comparison] = results["comparisons"]
+    identity = comparison["criteria"]["identity"]
+    assert identity["shares"]["win"] == 1.0 and identity["shares"]["win_ci"] == [1.0, 1.0]
+    assert identity["agreement"]["percent_agreement"] == 1.0 and identity["agreement"]["n_items"] == 4
+    assert comparison["criteria"]["prompt"]["shares"]["tie"] == 1.0
+
+    runner = CliRunner()
+    out_json, out_csv = tmp_path / "results.json", tmp_path / "results.csv"
+    result = runner.invoke(
+        cli_app, ["export", "--db", str(study.db), "--out", str(out_json), "--n-boot", "300"]
+    )
+    assert result.exit_code == 0, result.output
+    exported = json.loads(out_json.read_text())
+    assert exported["format"] == "cgrpo-humaneval-results/1"
+    assert [a["pairs_done"] for a in exported["annotators"]] == [4, 4]
+    assert len(exported["pairs"]) == 4 and all(len(p["votes"]) == 6 for p in exported["pairs"])
+    assert all(
+        p["preference"]["identity"] == 1.0 and p["preference"]["prompt"] == 0.0 for p in exported["pairs"]
+    )
+    assert set(exported["pairs"][0]["scores_a"]) == {"dino_seg", "hpsv3"}
+    assert runner.invoke(cli_app, ["export", "--db", str(study.db), "--out", str(out_csv)]).exit_code == 0
+    rows = list(csv.DictReader(io.StringIO(out_csv.read_text())))
+    assert len(rows) == 24  # 2 annotators x 4 pairs x 3 criteria
+    assert {r["winner"] for r in rows if r["criterion"] == "identity"} == {"alphamethod"}
+    assert {"score_a.dino_seg", "score_b.hpsv3", "a_on_left", "elapsed_ms"} <= set(rows[0])
+    bad = runner.invoke(cli_app, ["export", "--db", str(study.db), "--out", str(tmp_path / "r.txt")])
+    assert bad.exit_code == 2 and "must end in .json or .csv" in bad.output
+
+
+def test_cli_invite_prints_a_working_link(study):
+    runner = CliRunner()
+    result = runner.invoke(
+        cli_app, ["invite", "--db", str(study.db), "--name", "carol", "--base-url", "http://h:1"]
+    )
+    assert result.exit_code == 0, result.output
+    link = result.stdout.strip().splitlines()[-1]
+    assert link.startswith("http://h:1/a/")
+    token = link.rsplit("/", 1)[1]
+    assert study.store.authenticate(token).name == "carol"
+    assert study.client().get(f"/a/{token}").status_code == 303
+    again = runner.invoke(cli_app, ["invite", "--db", str(study.db), "--name", "carol"])
+    assert again.exit_code == 2 and "already exists" in again.output
+    admin = runner.invoke(cli_app, ["invite", "--db", str(study.db), "--name", "boss", "--admin"])
+    assert study.store.authenticate(admin.stdout.strip().rsplit("/", 1)[1]).is_admin
+
+
+def test_cli_serve_refuses_a_study_without_pairs_or_with_changed_pairs(study, tmp_path):
+    runner = CliRunner()
+    empty = runner.invoke(cli_app, ["serve", "--db", str(tmp_path / "new.sqlite")])
+    assert empty.exit_code == 2 and "has no pairs yet; pass --pairs" in empty.output
+    missing = runner.invoke(
+        cli_app, ["serve", "--db", str(study.db), "--pairs", str(tmp_path / "nope.jsonl")]
+    )
+    assert missing.exit_code == 2 and "nope.jsonl does not exist" in missing.output
+    record = json.loads(study.pairs_file.read_text().splitlines()[0])
+    changed = tmp_path / "changed.jsonl"
+    changed.write_text(json.dumps(record | {"prompt": "another prompt"}) + "\n")
+    refused = runner.invoke(cli_app, ["serve", "--db", str(study.db), "--pairs", str(changed)])
+    assert refused.exit_code == 2 and "with a different prompt" in refused.output
