@@ -41,7 +41,10 @@ def main(
 
 
 def _fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}")
+    from rich.markup import escape
+
+    # soft_wrap: one line however narrow the terminal (scripts grep it); escape: paths may hold "[...]".
+    err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -69,13 +72,14 @@ def train(
     ] = False,
 ) -> None:
     """Run Customized-GRPO (or a baseline/ablation config) with GRPO."""
-    from cgrpo.train.components import RewardFailure
+    from cgrpo.data.formats import DatasetError
+    from cgrpo.train.components import TrainingError
     from cgrpo.train.grpo import train as run_train
 
     cfg = _load_grpo_config(config, overrides, output_dir)
     try:
         run_train(cfg, resume=resume, max_steps=max_steps)
-    except RewardFailure as failure:
+    except (TrainingError, DatasetError) as failure:  # reward down, disk full, bad dataset: exit 2
         _fail(str(failure))
 
 
@@ -155,6 +159,21 @@ def _add_subcommands() -> None:
 
 
 _add_subcommands()
+
+
+def _add_evaluation() -> None:
+    from cgrpo.eval.cli import analyze_app, eval_app, report
+
+    app.add_typer(
+        eval_app, name="eval", help="Evaluate a policy: DreamBench (paper metrics) or the mini world."
+    )
+    app.add_typer(
+        analyze_app, name="analyze", help="The paper's analyses: conflict, frequency, trade-off, correlation."
+    )
+    app.command("report")(report)
+
+
+_add_evaluation()
 
 
 if __name__ == "__main__":

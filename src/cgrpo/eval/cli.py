@@ -1,0 +1,388 @@
+"""Typer commands: ``cgrpo eval ...`` (:data:`eval_app`), ``cgrpo analyze ...`` (:data:`analyze_app`) and
+``cgrpo report`` (:func:`report`). Heavy imports happen inside the commands so that ``--help`` stays fast."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+eval_app = typer.Typer(
+    help="Evaluate a policy: DreamBench (the paper's Table 1) or the mini world.", no_args_is_help=True
+)
+analyze_app = typer.Typer(
+    help="Analyses: reward conflict, frequency of denoising, trade-off, reward-human correlation.",
+    no_args_is_help=True,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+PolicyOptions = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--policy-option", "-P", help="Policy factory option key=value (repeatable), e.g. path=/models/uno."
+    ),
+]
+Lora = Annotated[Path | None, typer.Option(help="LoRA adapter folder, or a training run (uses its final/).")]
+MetricOptions = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--metric-option",
+        "-M",
+        help="Metric option metric.key=value (repeatable), e.g. dino.path=/models/dino.",
+    ),
+]
+
+
+def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the errors a user can fix (bad paths, names, values) into one red line and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from cgrpo.config import ConfigError
+
+        try:
+            return fn(*args, **kwargs)
+        except (ConfigError, FileNotFoundError, KeyError, ValueError) as error:
+            message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+            err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+            raise typer.Exit(code=2) from None
+
+    return wrapper
+
+
+def _device(device: str | None) -> str:
+    if device:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _split(values: list[str] | None) -> list[str] | None:
+    """``["a,b", "c"]`` -> ``["a", "b", "c"]``; None/empty stays None."""
+    if not values:
+        return None
+    return [part.strip() for value in values for part in value.split(",") if part.strip()]
+
+
+def _settings(
+    policy: str, policy_option: list[str] | None, lora: Path | None, steps: int, shift, seed, ref_size
+):
+    from cgrpo.eval.metrics import parse_options
+    from cgrpo.eval.runner import GenerationSettings, resolve_lora
+
+    return GenerationSettings(
+        policy=policy,
+        policy_options=parse_options(policy_option, "--policy-option"),
+        lora=str(resolve_lora(lora)) if lora else None,
+        steps=steps,
+        shift=shift,
+        seed=seed,
+        reference_size=ref_size,
+    )
+
+
+def _print_summary(summary: dict[str, Any], out: Path) -> None:
+    from cgrpo.eval.runner import format_interval
+
+    table = Table("group", "images", *(summary["labels"].get(m, m) for m in summary["metrics"]))
+    for name, group in sorted(summary["per_category"].items()):
+        table.add_row(
+            name, str(group["n_images"]), *(format_interval(group["metrics"][m]) for m in summary["metrics"])
+        )
+    table.add_row(
+        "[bold]overall[/]",
+        str(summary["n_images"]),
+        *(format_interval(s) for s in summary["metrics"].values()),
+    )
+    console.print(table)
+    console.print(f"wrote {out / 'scores.csv'}, {out / 'summary.json'}, {out / 'table.md'}")
+
+
+@eval_app.command("dreambench")
+@_user_errors
+def eval_dreambench(
+    out: Annotated[
+        Path, typer.Option(help="Output folder (resumable: finished images and scores are reused).")
+    ],
+    policy: Annotated[str, typer.Option(help="Registered policy, e.g. uno or mini.")] = "uno",
+    policy_option: PolicyOptions = None,
+    lora: Lora = None,
+    images_per_prompt: Annotated[
+        int, typer.Option(help="Images per (subject, prompt); the paper uses 4.")
+    ] = 4,
+    subjects: Annotated[
+        list[str] | None, typer.Option(help="Only these subjects (comma-separated or repeated).")
+    ] = None,
+    prompts_per_subject: Annotated[
+        int | None, typer.Option(help="Only the first N prompts of each subject.")
+    ] = None,
+    metrics: Annotated[
+        str, typer.Option(help="Comma-separated metrics (registered rewards).")
+    ] = "dino,clip_i,clip_t,hpsv3",
+    metric_option: MetricOptions = None,
+    dreambench_root: Annotated[
+        Path | None,
+        typer.Option(help="DreamBench folder (default: $CGRPO_DREAMBENCH or shared/data/dreambench)."),
+    ] = None,
+    steps: Annotated[int, typer.Option(help="ODE sampling steps.")] = 25,
+    shift: Annotated[
+        float | None, typer.Option(help="Static sigma shift (default: FLUX's dynamic shift).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Base seed; each image's seed derives from it.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Images generated per forward pass.")] = 4,
+    score_batch_size: Annotated[int, typer.Option(help="Images scored per metric call.")] = 16,
+    device: Annotated[str | None, typer.Option(help="Policy device (default: cuda if available).")] = None,
+    method: Annotated[
+        str | None, typer.Option(help="Row label in tables (default: policy[+LoRA name]).")
+    ] = None,
+    unique_token: Annotated[
+        str, typer.Option(help="DreamBooth's unique token in prompts (default none).")
+    ] = "",
+    reference_index: Annotated[int, typer.Option(help="Which photo of a subject conditions the policy.")] = 0,
+    identity_references: Annotated[
+        str,
+        typer.Option(
+            help="'reference': identity metrics vs the conditioning photo; 'all': mean over photos."
+        ),
+    ] = "reference",
+    reference_size: Annotated[
+        int | None, typer.Option(help="Reference side in pixels (default: image size).")
+    ] = None,
+    ci_seed: Annotated[int, typer.Option(help="Seed of the bootstrap intervals.")] = 0,
+) -> None:
+    """DreamBench: 30 subjects x 25 prompts x N images, scored with DINO, CLIP-I, CLIP-T and HPS-v3."""
+    from cgrpo.eval.dreambench import dreambench_task
+    from cgrpo.eval.metrics import parse_metric_list, parse_metric_options
+    from cgrpo.eval.runner import run_benchmark
+
+    names = parse_metric_list(metrics)
+    options = parse_metric_options(metric_option, names)
+    settings = _settings(policy, policy_option, lora, steps, shift, seed, reference_size)
+    task = dreambench_task(
+        dreambench_root, _split(subjects), prompts_per_subject, unique_token, reference_index
+    )
+    summary = run_benchmark(
+        task,
+        out,
+        settings,
+        names,
+        options,
+        images_per_prompt=images_per_prompt,
+        batch_size=batch_size,
+        score_batch_size=score_batch_size,
+        method=method,
+        device=_device(device),
+        identity_references=identity_references,
+        ci_seed=ci_seed,
+        title=f"DreamBench: {method or settings.policy}",
+    )
+    _print_summary(summary, out)
+
+
+@eval_app.command("mini")
+@_user_errors
+def eval_mini(
+    out: Annotated[Path, typer.Option(help="Output folder (resumable).")],
+    policy: Annotated[str, typer.Option(help="Registered policy.")] = "mini",
+    policy_option: PolicyOptions = None,
+    lora: Lora = None,
+    images_per_prompt: Annotated[int, typer.Option(help="Images per (subject, prompt).")] = 4,
+    num_subjects: Annotated[
+        int, typer.Option(help="Held-out subjects (the trainer's eval.num_subjects).")
+    ] = 16,
+    prompts_per_kind: Annotated[int, typer.Option(help="Prompts per kind and subject.")] = 1,
+    eval_seed: Annotated[
+        int, typer.Option(help="Seed choosing the held-out set (the trainer's eval.seed).")
+    ] = 1234,
+    image_size: Annotated[int, typer.Option(help="Mini-world image size.")] = 32,
+    metrics: Annotated[str, typer.Option(help="Comma-separated metrics.")] = "mini_id,mini_prompt",
+    metric_option: MetricOptions = None,
+    steps: Annotated[int, typer.Option(help="ODE sampling steps.")] = 10,
+    shift: Annotated[float | None, typer.Option(help="Static sigma shift.")] = None,
+    seed: Annotated[int, typer.Option(help="Base seed of the images.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Images generated per forward pass.")] = 32,
+    device: Annotated[str | None, typer.Option(help="Policy device.")] = None,
+    method: Annotated[str | None, typer.Option(help="Row label in tables.")] = None,
+    ci_seed: Annotated[int, typer.Option(help="Seed of the bootstrap intervals.")] = 0,
+) -> None:
+    """The mini world's held-out subjects, scored with the mini rewards, per prompt kind."""
+    from cgrpo.eval.metrics import parse_metric_list, parse_metric_options
+    from cgrpo.eval.mini import mini_task
+    from cgrpo.eval.runner import run_benchmark
+
+    names = parse_metric_list(metrics)
+    options = parse_metric_options(metric_option, names)
+    settings = _settings(policy, policy_option, lora, steps, shift, seed, None)
+    task = mini_task(out, image_size, num_subjects, prompts_per_kind, eval_seed)
+    summary = run_benchmark(
+        task,
+        out,
+        settings,
+        names,
+        options,
+        images_per_prompt=images_per_prompt,
+        batch_size=batch_size,
+        score_batch_size=max(batch_size, 64),
+        method=method,
+        device=_device(device),
+        ci_seed=ci_seed,
+        title=f"Mini world: {method or settings.policy}",
+    )
+    _print_summary(summary, out)
+
+
+@eval_app.command("table")
+@_user_errors
+def eval_table(
+    dirs: Annotated[list[Path], typer.Argument(help="Evaluation folders (each with summary.json).")],
+    out: Annotated[Path | None, typer.Option(help="Also write the table to this Markdown file.")] = None,
+) -> None:
+    """One Table-1-style comparison over several evaluation folders (overall mean [95% CI])."""
+    from cgrpo.eval.report import comparison_eval_table, kind_of
+    from cgrpo.io import atomic_write_text
+
+    for d in dirs:
+        if kind_of(d) != "eval":
+            raise ValueError(f"{d} is not an evaluation folder (no summary.json from `cgrpo eval`)")
+    text = "\n".join(comparison_eval_table(list(dirs))) + "\n"
+    console.print(text, markup=False, highlight=False)
+    if out is not None:
+        atomic_write_text(out, text)
+
+
+@analyze_app.command("conflict")
+@_user_errors
+def analyze_conflict(
+    run_dir: Annotated[Path, typer.Argument(help="Training run folder (metrics.jsonl, advantages.jsonl).")],
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: the run folder).")] = None,
+) -> None:
+    """Reward conflict (Fig. 7): opposite-sign advantages over training, quadrants and per denoising step."""
+    from cgrpo.eval.analyses import conflict_analysis
+
+    result = conflict_analysis(run_dir, out)
+    target = out or run_dir
+    if "training" in result:
+        console.print(f"mean conflict rate over training: {result['training']['mean']:.1%} (paper: 50.2%)")
+    if "quadrants" in result:
+        console.print(f"quadrants: { {k: round(v, 3) for k, v in result['quadrants']['shares'].items()} }")
+    console.print(f"wrote {target / 'conflict.png'}, {target / 'conflict.json'}")
+
+
+@analyze_app.command("frequency")
+@_user_errors
+def analyze_frequency(
+    out: Annotated[Path, typer.Option(help="Output folder.")],
+    policy: Annotated[str, typer.Option(help="Registered policy.")] = "mini",
+    policy_option: PolicyOptions = None,
+    lora: Lora = None,
+    source: Annotated[
+        str, typer.Option(help="Where the (reference, prompt) pairs come from: mini or dreambench.")
+    ] = "",
+    num_pairs: Annotated[int, typer.Option(help="Number of (reference, prompt) pairs averaged.")] = 16,
+    steps: Annotated[int, typer.Option(help="ODE steps of the trajectory.")] = 25,
+    shift: Annotated[float | None, typer.Option(help="Static sigma shift.")] = None,
+    cutoff: Annotated[
+        float, typer.Option(help="Low/high boundary in cycles per pixel (Nyquist = 0.5).")
+    ] = 0.125,
+    seed: Annotated[int, typer.Option(help="Base seed of the initial noise.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Trajectories per forward pass.")] = 8,
+    dreambench_root: Annotated[
+        Path | None, typer.Option(help="DreamBench folder (source dreambench).")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="Policy device.")] = None,
+) -> None:
+    """Frequency analysis of denoising (Fig. 4): band energies of x0_hat = x_t - sigma * v per ODE step."""
+    from cgrpo.eval.analyses import frequency_analysis, frequency_pairs
+    from cgrpo.eval.runner import build_eval_policy, policy_image_size
+    from cgrpo.sde import flux_sigmas
+
+    settings = _settings(policy, policy_option, lora, steps, shift, seed, None)
+    model = build_eval_policy(settings, _device(device))
+    size = policy_image_size(model) or 512
+    prompts, references, seeds = frequency_pairs(
+        source or ("mini" if policy == "mini" else "dreambench"), num_pairs, size, seed, dreambench_root
+    )
+    sigmas = flux_sigmas(steps, image_seq_len=model.latent_shape[0], shift=shift)
+    result = frequency_analysis(model, prompts, references, seeds, sigmas, out, cutoff, batch_size)
+    low, high = result["low_converged"], result["high_converged"]
+    half = len(low) // 2
+    console.print(
+        f"band content formed at step {half}/{len(low)}: low {low[half]:.2f}, high {high[half]:.2f}"
+    )
+    console.print(f"wrote {out / 'frequency.png'}, {out / 'frequency.json'}")
+
+
+@analyze_app.command("tradeoff")
+@_user_errors
+def analyze_tradeoff(
+    dirs: Annotated[list[Path], typer.Argument(help="Training runs and/or evaluation folders.")],
+    out: Annotated[Path, typer.Option(help="Output folder.")],
+    x: Annotated[
+        str | None, typer.Option(help="Identity metric (default: dino_seg, dino, clip_i or id).")
+    ] = None,
+    y: Annotated[str | None, typer.Option(help="Prompt metric (default: hpsv3, clip_t or prompt).")] = None,
+) -> None:
+    """Identity vs prompt metric of several runs/checkpoints with the Pareto front."""
+    from cgrpo.eval.analyses import tradeoff_analysis
+
+    result = tradeoff_analysis(dirs, out, x, y)
+    table = Table("point", "x", "y", "front")
+    for p in result["points"]:
+        if p["final"]:
+            table.add_row(p["label"], f"{p['x']:.4f}", f"{p['y']:.4f}", "*" if p["on_front"] else "")
+    console.print(table)
+    console.print(f"Pareto front: {', '.join(result['front'])}")
+    console.print(f"wrote {out / 'tradeoff.png'}, {out / 'tradeoff.json'}")
+
+
+@analyze_app.command("correlation")
+@_user_errors
+def analyze_correlation(
+    human: Annotated[
+        Path, typer.Option(help="Human-evaluation results.json (pairwise votes) or ratings CSV.")
+    ],
+    out: Annotated[Path, typer.Option(help="Output folder.")],
+    scores: Annotated[
+        list[Path] | None,
+        typer.Option(help="scores.csv of the judged images (repeatable; default: the scores in the export)."),
+    ] = None,
+    metrics: Annotated[
+        str | None, typer.Option(help="Comma-separated metrics (default: every score column).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap intervals.")] = 0,
+) -> None:
+    """Reward-human correlation (Tables 6/7): Pearson and Spearman with bootstrap intervals."""
+    from cgrpo.eval.correlation import correlation_analysis
+
+    result = correlation_analysis(human, scores, out, _split([metrics]) if metrics else None, seed=seed)
+    table = Table("metric", "criterion", "n", "Pearson", "Spearman")
+    for e in result["results"]:
+        table.add_row(
+            e["label"],
+            e["criterion"],
+            str(e["n"]),
+            f"{e['pearson']['value']:.3f}",
+            f"{e['spearman']['value']:.3f}",
+        )
+    console.print(table)
+    console.print(f"wrote {out / 'correlation.md'}, {out / 'correlation.png'}, {out / 'correlation.json'}")
+
+
+@_user_errors
+def report(
+    dirs: Annotated[list[Path], typer.Argument(help="Training runs and/or evaluation folders.")],
+    out: Annotated[Path, typer.Option(help="Report folder (report.md, report.html and figures).")],
+    title: Annotated[str, typer.Option(help="Report title.")] = "Customized-GRPO report",
+) -> None:
+    """One Markdown + HTML report: curves, samples, evaluation tables, analyses; several runs side by side."""
+    from cgrpo.eval.report import write_report
+
+    path = write_report(dirs, out, title)
+    console.print(f"wrote {path} and {path.with_suffix('.html')}")
