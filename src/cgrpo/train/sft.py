@@ -1,0 +1,505 @@
+"""Supervised flow-matching pretraining of the mini world's base policy (the stand-in for UNO's pretraining).
+
+Rectified flow (Eq. 3-4 of the paper): ``x_sigma = (1 - sigma) x0 + sigma noise`` and the model regresses the
+velocity ``noise - x0`` with a mean squared error. ``sigma`` is drawn from a logit-normal distribution
+(``sigmoid(N(m, s))``, SD3 / FLUX practice: most samples at mid noise, where the velocity is hardest to
+predict and most of the image structure is decided) or uniformly. The transformer and the tiny text encoder
+are trained jointly from scratch with AdamW, linear warmup + cosine decay, gradient clipping and an EMA of the
+weights; the EMA weights are evaluated (fixed-seed ODE samples of held-out subjects) and saved.
+
+Run: ``python -m cgrpo.train.sft configs/mini/sft.yaml [key=value ...]``. Outputs under ``output_dir``:
+``config.yaml`` (resolved), ``metrics.jsonl``, ``tb/`` (TensorBoard), ``samples/step_XXXXXX.png``
+(reference | sample | target per row), ``checkpoint/`` (resume state) and ``final/`` (EMA weights,
+``save_pretrained`` format).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from cgrpo.config import ConfigError, load_config, save_config
+from cgrpo.data.base import Example
+from cgrpo.policy.base import Conditioning
+from cgrpo.policy.flux import ReferenceFluxPolicy, atomic_directory
+from cgrpo.train.sampling import sample_ode
+
+# --- config ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SFTDataConfig:
+    image_size: int = 32
+    num_train_subjects: int = 600
+    num_test_subjects: int = 64
+    prompts_per_subject: int = 8
+    kinds: list[str] | None = None  # prompt kinds to train on; None = the mini world's full mix
+    world_seed: int = 0  # which mini world (subjects) to build
+    eval_examples: int = 8  # held-out (test-split) examples sampled into every preview grid
+
+
+@dataclass
+class SFTModelConfig:
+    init: str | None = None  # a policy directory to continue from; None = a random mini policy
+    patch_size: int = 4
+
+
+@dataclass
+class SFTOptimConfig:
+    lr: float = 2e-3
+    warmup_steps: int = 200
+    min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio at the last step
+    weight_decay: float = 0.01  # on matrices only (not biases, norms)
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = 1.0
+    batch_size: int = 32
+    steps: int = 3000
+    ema_decay: float = 0.999
+
+
+@dataclass
+class SFTFlowConfig:
+    sigma_sampling: Literal["logit_normal", "uniform"] = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+
+
+@dataclass
+class SFTConfig:
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    model: SFTModelConfig = field(default_factory=SFTModelConfig)
+    optim: SFTOptimConfig = field(default_factory=SFTOptimConfig)
+    flow: SFTFlowConfig = field(default_factory=SFTFlowConfig)
+    seed: int = 0
+    output_dir: Path = Path("runs/sft")
+    log_every: int = 25
+    eval_every: int = 250  # EMA eval loss + preview grid; 0 disables
+    save_every: int = 500  # resumable checkpoint; 0 disables
+    sample_steps: int = 20  # Euler steps of the preview samples
+    num_threads: int = 2  # torch CPU threads; 0 keeps torch's default
+    resume: bool = True  # continue from output_dir/checkpoint when it exists
+    progress: bool = True
+    # Wall-clock budget: stop early (EMA weights still evaluated and saved) when a shared machine is slower
+    # than planned. The cosine schedule is then cut short and the run is no longer step-for-step reproducible.
+    max_minutes: float | None = None
+
+    def validate(self) -> None:
+        if self.optim.steps < 1:
+            raise ConfigError(f"optim.steps: expected >= 1, got {self.optim.steps}")
+        if self.optim.batch_size < 1:
+            raise ConfigError(f"optim.batch_size: expected >= 1, got {self.optim.batch_size}")
+        if not 0.0 <= self.optim.ema_decay < 1.0:
+            raise ConfigError(f"optim.ema_decay: expected in [0, 1), got {self.optim.ema_decay}")
+        if self.optim.lr <= 0:
+            raise ConfigError(f"optim.lr: expected > 0, got {self.optim.lr}")
+        if self.flow.logit_std <= 0:
+            raise ConfigError(f"flow.logit_std: expected > 0, got {self.flow.logit_std}")
+
+
+# --- math --------------------------------------------------------------------------------------------
+
+
+def sample_sigmas(
+    batch_size: int, config: SFTFlowConfig, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """``[B]`` training noise levels in (0, 1)."""
+    if config.sigma_sampling == "uniform":
+        return torch.rand(batch_size, generator=generator)
+    normal = torch.randn(batch_size, generator=generator)
+    return torch.sigmoid(config.logit_mean + config.logit_std * normal)
+
+
+def lr_lambda(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to ``min_ratio`` at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def flow_matching_loss(
+    policy: ReferenceFluxPolicy,
+    prompts: Sequence[str],
+    references: torch.Tensor,
+    targets: torch.Tensor,
+    sigma: torch.Tensor,
+    noise: torch.Tensor,
+) -> torch.Tensor:
+    """Mean of ``||v(x_sigma) - (noise - x0)||^2``; gradients reach the transformer *and* the text encoder.
+
+    ``references``/``targets``: ``[B, 3, H, W]`` in [0, 1]; ``sigma``: ``[B]``; ``noise``: ``[B, N, C]``.
+    """
+    x0 = policy.encode_images(targets)
+    embeds, pooled = policy.text_encoder(prompts)
+    ref_tokens, ref_ids = policy.encode_references(references)
+    text_ids = torch.zeros(embeds.shape[1], 3, device=embeds.device)
+    cond = Conditioning(embeds, pooled, text_ids, ref_tokens, ref_ids, policy.guidance_tensor(len(prompts)))
+    s = sigma.to(x0.device)[:, None, None]
+    noise = noise.to(x0.device)
+    x_sigma = (1.0 - s) * x0 + s * noise
+    v = policy.velocity(x_sigma, sigma, cond)
+    return torch.mean((v - (noise - x0)) ** 2)
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+
+class EMA:
+    """Exponential moving average of parameters, with the usual ``(1 + t) / (10 + t)`` warmup of the decay."""
+
+    def __init__(self, params: Sequence[nn.Parameter], decay: float) -> None:
+        self.params = list(params)
+        self.decay = decay
+        self.shadow = [p.detach().float().clone() for p in self.params]
+        self.num_updates = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.num_updates += 1
+        decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - decay)
+
+    @contextlib.contextmanager
+    def swapped(self) -> Iterator[None]:
+        """Temporarily load the EMA weights into the parameters."""
+        backup = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, s in zip(self.params, self.shadow, strict=True):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, b in zip(self.params, backup, strict=True):
+                    p.copy_(b)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"shadow": self.shadow, "num_updates": self.num_updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.shadow = [s.float().clone() for s in state["shadow"]]
+        self.num_updates = int(state["num_updates"])
+
+
+class ExampleBatcher:
+    """Shuffled epochs over a dataset drawn with a seeded generator; examples are cached as tensors because
+    procedural generation costs more than a training step's share."""
+
+    def __init__(self, dataset: Sequence[Example], batch_size: int, generator: torch.Generator) -> None:
+        if len(dataset) == 0:
+            raise ValueError("the SFT dataset is empty")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.generator = generator
+        self.order = torch.randperm(len(dataset), generator=generator)
+        self.position = 0
+        self._cache: dict[int, Example] = {}
+
+    def _get(self, index: int) -> Example:
+        if index not in self._cache:
+            example = self.dataset[index]
+            if example.target is None:
+                raise ValueError(f"example {example.id} has no target image; SFT needs targets")
+            self._cache[index] = example
+        return self._cache[index]
+
+    def next(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """(prompts, references ``[B, 3, H, W]``, targets ``[B, 3, H, W]``)."""
+        indices = []
+        while len(indices) < self.batch_size:
+            if self.position == len(self.order):
+                self.order = torch.randperm(len(self.dataset), generator=self.generator)
+                self.position = 0
+            indices.append(int(self.order[self.position]))
+            self.position += 1
+        examples = [self._get(i) for i in indices]
+        return (
+            [e.prompt for e in examples],
+            torch.stack([e.reference for e in examples]),
+            torch.stack([e.target for e in examples]),
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"order": self.order, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.order = state["order"]
+        self.position = int(state["position"])
+
+
+def build_mini_data(config: SFTDataConfig, seed: int) -> tuple[Sequence[Example], Sequence[Example]]:
+    """(train examples, held-out eval examples) of the mini world."""
+    from cgrpo.data.miniworld import MiniWorld
+
+    world = MiniWorld(
+        image_size=config.image_size,
+        num_train_subjects=config.num_train_subjects,
+        num_test_subjects=config.num_test_subjects,
+        seed=config.world_seed,
+    )
+    kinds = list(config.kinds) if config.kinds is not None else None
+    train = world.dataset(
+        split="train", prompts_per_subject=config.prompts_per_subject, kinds=kinds, seed=seed
+    )
+    # The preview grid: one held-out subject per row, going round the prompt kinds (plain, context, ...).
+    held_out = list(world.eval_set(num_subjects=config.eval_examples, prompts_per_kind=1))
+    by_subject: dict[str, list[Example]] = {}
+    for example in held_out:
+        by_subject.setdefault(example.subject_id, []).append(example)
+    picked = [options[i % len(options)] for i, options in enumerate(by_subject.values())]
+    return train, picked
+
+
+def _build_policy(config: SFTConfig) -> ReferenceFluxPolicy:
+    if config.model.init is not None:
+        return ReferenceFluxPolicy.from_pretrained(config.model.init)
+    from cgrpo.policy.mini import build_mini_policy
+
+    return build_mini_policy(
+        seed=config.seed, image_size=config.data.image_size, patch_size=config.model.patch_size
+    )
+
+
+def _param_groups(modules: Sequence[nn.Module], weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for module in modules:
+        for _name, param in module.named_parameters():
+            if not param.requires_grad:
+                continue
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class _Logger:
+    """metrics.jsonl + TensorBoard."""
+
+    def __init__(self, directory: Path, start_step: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.path = directory / "metrics.jsonl"
+        if start_step > 0 and self.path.exists():
+            # Resumed: drop what was logged after the checkpoint, it is about to be recomputed.
+            kept = [
+                line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= start_step
+            ]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        elif self.path.exists():
+            self.path.unlink()
+        self.writer = SummaryWriter(str(directory / "tb"), purge_step=start_step if start_step > 0 else None)
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps({"step": step, **values}) + "\n")
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+@torch.no_grad()
+def evaluate(
+    policy: ReferenceFluxPolicy,
+    examples: Sequence[Example],
+    flow: SFTFlowConfig,
+    seed: int,
+    sample_steps: int,
+) -> tuple[dict[str, float], list[torch.Tensor]]:
+    """Fixed-seed eval loss and ODE samples of held-out examples -> (metrics, [refs, samples, targets])."""
+    prompts = [e.prompt for e in examples]
+    references = torch.stack([e.reference for e in examples])
+    targets = torch.stack([e.target for e in examples])
+    generator = torch.Generator().manual_seed(seed)
+    n, c = policy.latent_shape
+    sigma = sample_sigmas(len(examples), flow, generator)
+    noise = torch.randn(len(examples), n, c, generator=generator)
+    loss = flow_matching_loss(policy, prompts, references, targets, sigma, noise)
+    cond = policy.condition(prompts, references)
+    images = policy.decode(sample_ode(policy, cond, sample_steps, generator=generator))
+    metrics = {
+        "eval/loss": float(loss),
+        "eval/sample_mse": float(torch.mean((images - targets.to(images.device)) ** 2)),
+    }
+    return metrics, [references, images.cpu(), targets]
+
+
+def _save_checkpoint(
+    directory: Path,
+    policy: ReferenceFluxPolicy,
+    step: int,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    ema: EMA,
+    batcher: ExampleBatcher,
+    generator: torch.Generator,
+) -> None:
+    with atomic_directory(directory) as tmp:
+        policy.save_pretrained(tmp / "policy")
+        state = {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "ema": ema.state_dict(),
+            "batcher": batcher.state_dict(),
+            "generator": generator.get_state(),
+        }
+        torch.save(state, tmp / "state.pt")
+
+
+# --- the run -----------------------------------------------------------------------------------------
+
+
+def run_sft(
+    config: SFTConfig,
+    *,
+    policy: ReferenceFluxPolicy | None = None,
+    train_data: Sequence[Example] | None = None,
+    eval_data: Sequence[Example] | None = None,
+) -> Path:
+    """Train, then return the directory of the final EMA weights (``output_dir/final``).
+
+    ``policy``/``train_data``/``eval_data`` replace the mini world and the random mini policy (tests, other
+    datasets). Deterministic on CPU for ``config.seed``, including across a resume.
+    """
+    from tqdm.auto import tqdm
+
+    from cgrpo.imaging import grid, save_png
+
+    if config.num_threads > 0:
+        torch.set_num_threads(config.num_threads)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
+
+    if train_data is None:
+        train_data, default_eval = build_mini_data(config.data, config.seed)
+        eval_data = default_eval if eval_data is None else eval_data
+    eval_data = list(eval_data or [])
+
+    checkpoint = out / "checkpoint"
+    resume = config.resume and (checkpoint / "state.pt").is_file()
+    if resume:
+        policy = ReferenceFluxPolicy.from_pretrained(checkpoint / "policy")
+    elif policy is None:
+        policy = _build_policy(config)
+    policy.requires_grad_(True)
+    policy.train()
+    modules = [policy.transformer, policy.text_encoder]
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+
+    optim = config.optim
+    optimizer = torch.optim.AdamW(_param_groups(modules, optim.weight_decay), lr=optim.lr, betas=optim.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_lambda(step, optim.warmup_steps, optim.steps, optim.min_lr_ratio)
+    )
+    ema = EMA(params, optim.ema_decay)
+    generator = torch.Generator().manual_seed(config.seed)
+    batcher = ExampleBatcher(train_data, optim.batch_size, generator)
+    start = 0
+    if resume:
+        state = torch.load(checkpoint / "state.pt", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        ema.load_state_dict(state["ema"])
+        batcher.load_state_dict(state["batcher"])
+        generator.set_state(state["generator"])
+        start = int(state["step"])
+
+    logger = _Logger(out, start)
+    n_tokens, channels = policy.latent_shape
+    window: list[float] = []
+    tick = started = time.perf_counter()
+    done = start
+    last_eval = -1
+
+    def run_eval(step: int) -> None:
+        if not eval_data:
+            return
+        policy.eval()
+        with ema.swapped():
+            metrics, columns = evaluate(policy, eval_data, config.flow, config.seed + 1, config.sample_steps)
+        policy.train()
+        save_png(grid(columns), out / "samples" / f"step_{step:06d}.png")
+        logger.log(step, metrics)
+        tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+    bar = tqdm(
+        range(start, optim.steps),
+        initial=start,
+        total=optim.steps,
+        disable=not config.progress,
+        mininterval=5.0,
+    )
+    for step in bar:
+        prompts, references, targets = batcher.next()
+        sigma = sample_sigmas(len(prompts), config.flow, generator)
+        noise = torch.randn(len(prompts), n_tokens, channels, generator=generator)
+        loss = flow_matching_loss(policy, prompts, references, targets, sigma, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        ema.update()
+        window.append(float(loss.detach()))
+
+        done = step + 1
+        if done % config.log_every == 0 or done == optim.steps:
+            now = time.perf_counter()
+            metrics = {
+                "train/loss": sum(window) / len(window),
+                "train/lr": scheduler.get_last_lr()[0],
+                "train/grad_norm": float(grad_norm),
+                "train/steps_per_s": len(window) / max(now - tick, 1e-9),
+            }
+            logger.log(done, metrics)
+            bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
+            window = []
+        if config.eval_every and (done % config.eval_every == 0 or done == optim.steps):
+            run_eval(done)
+            last_eval = done
+        if config.save_every and done % config.save_every == 0 and done < optim.steps:
+            _save_checkpoint(checkpoint, policy, done, optimizer, scheduler, ema, batcher, generator)
+        if done % config.log_every == 0:
+            tick = time.perf_counter()  # restart the clock after evals and saves: they are not training steps
+
+        if config.max_minutes is not None and time.perf_counter() - started > 60.0 * config.max_minutes:
+            logger.log(done, {"train/stopped_early": 1.0})
+            tqdm.write(f"stopping at step {done}: max_minutes={config.max_minutes} reached")
+            break
+    bar.close()
+    if config.eval_every and last_eval != done:
+        run_eval(done)
+
+    final = out / "final"
+    policy.eval()
+    with ema.swapped():
+        policy.save_pretrained(final)  # atomic (temp dir + rename)
+    logger.close()
+    return final
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """``python -m cgrpo.train.sft CONFIG.yaml [key=value ...]``."""
+    argv = sys.argv[1:] if argv is None else argv
+    path = argv[0] if argv and not argv[0].count("=") else None
+    overrides = argv[1:] if path is not None else argv
+    config = load_config(SFTConfig, path, overrides)
+    final = run_sft(config)
+    print(f"final weights: {final}")
+    return final
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""`cgrpo demo` writes the report, plots and metrics.json (tiny random policy, two iterations)."""
+
+import json
+
+from typer.testing import CliRunner
+
+from cgrpo.cli import app
+from cgrpo.config import save_config
+from tests.test_grpo import tiny_config, tiny_policy_dir  # noqa: F401  (fixture)
+
+
+def test_demo_report(tiny_policy_dir, tmp_path):  # noqa: F811
+    config = tiny_config(tiny_policy_dir, tmp_path / "unused")
+    save_config(config, tmp_path / "demo.yaml")
+    out = tmp_path / "demo"
+    args = ["demo", "--config", str(tmp_path / "demo.yaml"), "--output-dir", str(out), "--steps", "2", "--seed", "3"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["base"]) >= {"id", "prompt"} and set(metrics["trained"]) >= {"id", "prompt"}
+    assert metrics["iterations"] == 2 and metrics["seed"] == 3
+    report = (out / "report.md").read_text()
+    for png in ("reward_curves.png", "conflict_rate.png", "grid_reference_base_trained.png"):
+        assert (out / png).stat().st_size > 1000
+        assert png in report
+    assert f"{metrics['base']['id']:.4f}" in report
