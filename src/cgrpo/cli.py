@@ -40,6 +40,15 @@ def main(
     """Customized-GRPO command line."""
 
 
+def _quiet_library_progress_bars() -> None:
+    # "Loading weights" / "Writing model shards" bars from transformers and diffusers clutter run logs.
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def _fail(message: str) -> None:
     from rich.markup import escape
 
@@ -77,6 +86,7 @@ def train(
     from cgrpo.train.grpo import train as run_train
 
     cfg = _load_grpo_config(config, overrides, output_dir)
+    _quiet_library_progress_bars()
     try:
         run_train(cfg, resume=resume, max_steps=max_steps)
     except (TrainingError, DatasetError) as failure:  # reward down, disk full, bad dataset: exit 2
@@ -110,6 +120,7 @@ def demo(
     """Customized-GRPO on the mini world from the committed base, then runs/demo/report.md."""
     from cgrpo.demo import run_demo
 
+    _quiet_library_progress_bars()
     report = run_demo(output_dir=output_dir, steps=steps, seed=seed, config=config)
     console.print(f"report: {report}")
 
@@ -159,6 +170,17 @@ def _add_subcommands() -> None:
 
 
 _add_subcommands()
+
+
+def _add_real_backbone_commands() -> None:
+    from cgrpo.export import export_command
+    from cgrpo.sample import sample_command
+
+    app.command("sample")(sample_command)
+    app.command("export")(export_command)
+
+
+_add_real_backbone_commands()
 
 
 def _add_evaluation() -> None:

@@ -139,6 +139,21 @@ class Policy(nn.Module):
         """Freeze the transformer and inject LoRA adapters through peft."""
         raise NotImplementedError
 
+    @property
+    def has_lora(self) -> bool:
+        return False
+
+    def save_lora(self, directory: str | Path) -> None:
+        """Write only the LoRA adapter (peft format, safetensors)."""
+        raise NotImplementedError
+
+    def load_lora(self, directory: str | Path) -> None:
+        """Load an adapter written by :meth:`save_lora` into this policy."""
+        raise NotImplementedError
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        raise NotImplementedError
+
     # --- persistence ----------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:
         raise NotImplementedError
