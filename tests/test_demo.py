@@ -13,7 +13,8 @@ def test_demo_report(tiny_policy_dir, tmp_path):  # noqa: F811
     config = tiny_config(tiny_policy_dir, tmp_path / "unused")
     save_config(config, tmp_path / "demo.yaml")
     out = tmp_path / "demo"
-    args = ["demo", "--config", str(tmp_path / "demo.yaml"), "--output-dir", str(out), "--steps", "2", "--seed", "3"]
+    args = ["demo", "--config", str(tmp_path / "demo.yaml"), "--output-dir", str(out)]
+    args += ["--steps", "2", "--seed", "3"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())

@@ -180,6 +180,15 @@ def _add_real_backbone_commands() -> None:
     app.command("export")(export_command)
 
 
+def _add_bench() -> None:
+    from cgrpo.bench import bench_command
+
+    app.command("bench")(bench_command)
+
+
+_add_bench()
+
+
 _add_real_backbone_commands()
 
 

@@ -22,6 +22,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 _PREFIX = "step-"
+_TMP_SUFFIX = ".tmp"
+_OLD_SUFFIX = ".old"
 
 
 def trainable_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -44,29 +46,78 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(
-    checkpoint_dir: str | Path, step: int, module: nn.Module, state: dict[str, Any], keep_last: int = 2
+    checkpoint_dir: str | Path,
+    step: int,
+    module: nn.Module | dict[str, torch.Tensor],
+    state: dict[str, Any],
+    keep_last: int = 2,
 ) -> Path:
-    """Write checkpoint ``step`` atomically and prune to the newest ``keep_last``. Returns its path."""
+    """Write checkpoint ``step`` atomically and prune to the newest ``keep_last``. Returns its path.
+
+    ``module``: the model whose trainable parameters are saved, or those tensors already gathered (FSDP).
+    Nothing is visible under ``step-NNNNNN`` until every file is written and fsynced; a failure (disk full,
+    permission denied, a kill) leaves at most a dot-prefixed temp dir, which :func:`list_checkpoints`
+    ignores and :func:`remove_stale_temp_dirs` deletes.
+    """
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    weights = trainable_state_dict(module) if isinstance(module, nn.Module) else module
     final = checkpoint_dir / f"{_PREFIX}{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=checkpoint_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=_TMP_SUFFIX, dir=checkpoint_dir))
     try:
-        save_file(trainable_state_dict(module), str(tmp / "trainable.safetensors"))
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "trainable.safetensors")
+        )
         torch.save({"step": step, **state}, tmp / "state.pt")
         (tmp / "COMPLETE").write_text(str(step))
         for name in ("trainable.safetensors", "state.pt", "COMPLETE"):
             with open(tmp / name, "rb") as handle:
                 os.fsync(handle.fileno())
-        if final.exists():  # re-saving the same step after a resume: replace it as a whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if final.exists():
+            # Re-saving a step (after a resume): move the old one aside first, so that a crash between the
+            # two renames still leaves a complete copy on disk (the aside copy is cleaned up at next start).
+            aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=_OLD_SUFFIX, dir=checkpoint_dir))
+            os.replace(final, aside / final.name)
+            os.replace(tmp, final)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(checkpoint_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in list_checkpoints(checkpoint_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the renames durable (a power cut after ``os.replace`` must not lose the new entry)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. platforms that cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temp_dirs(checkpoint_dir: str | Path) -> list[Path]:
+    """Delete the temp dirs a killed save left behind (``.step-NNNNNN.*``); returns what was removed."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        return []
+    stale = [
+        p
+        for p in checkpoint_dir.iterdir()
+        if p.is_dir() and p.name.startswith(f".{_PREFIX}") and p.name.endswith((_TMP_SUFFIX, _OLD_SUFFIX))
+    ]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
 
 
 def list_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
@@ -87,15 +138,28 @@ def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: str | Path, module: nn.Module) -> dict[str, Any]:
-    """Load the trainable weights into ``module`` (strictly: every saved key must exist) and return state."""
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(trainable weights, state) of a complete checkpoint directory, on CPU."""
     path = Path(path)
+    if not (path / "COMPLETE").exists():
+        raise ValueError(f"{path} is not a complete checkpoint (no COMPLETE marker)")
     weights = load_file(str(path / "trainable.safetensors"))
+    return weights, torch.load(path / "state.pt", weights_only=False)
+
+
+def load_weights(module: nn.Module, weights: dict[str, torch.Tensor], source: str | Path = "") -> None:
+    """Copy ``weights`` into ``module``'s parameters (strictly: every saved key must exist)."""
     params = dict(module.named_parameters())
     missing = sorted(set(weights) - set(params))
     if missing:
-        raise ValueError(f"checkpoint {path} has weights the model lacks: {missing[:5]}")
+        raise ValueError(f"checkpoint {source} has weights the model lacks: {missing[:5]}")
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
-    return torch.load(path / "state.pt", weights_only=False)
+
+
+def load_checkpoint(path: str | Path, module: nn.Module) -> dict[str, Any]:
+    """Load the trainable weights into ``module`` (strictly: every saved key must exist) and return state."""
+    weights, state = read_checkpoint(path)
+    load_weights(module, weights, path)
+    return state

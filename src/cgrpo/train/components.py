@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
+import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -12,7 +16,7 @@ from cgrpo import rewards as reward_registry
 from cgrpo.data.base import Example, SubjectDataset
 from cgrpo.policy.base import Policy
 from cgrpo.rewards.base import Reward
-from cgrpo.train.config import DataConfig, GRPOConfig, PolicyConfig
+from cgrpo.train.config import DataConfig, GRPOConfig, PolicyConfig, TrainConfig
 
 
 def build_policy(config: PolicyConfig, device: str = "cpu") -> Policy:
@@ -50,11 +54,39 @@ def build_datasets(config: DataConfig, seed: int) -> tuple[SubjectDataset, list[
 def build_rewards(config: GRPOConfig) -> tuple[Reward, Reward]:
     identity = reward_registry.build(config.rewards.identity.name, **config.rewards.identity.options)
     prompt = reward_registry.build(config.rewards.prompt.name, **config.rewards.prompt.options)
+    for reward, name in ((identity, config.rewards.identity.name), (prompt, config.rewards.prompt.name)):
+        if not hasattr(reward, "name"):  # a plain function: error messages name it by its registry name
+            with contextlib.suppress(AttributeError):
+                reward.name = name
     return identity, prompt
 
 
-class RewardFailure(RuntimeError):
+class TrainingError(RuntimeError):
+    """A run cannot go on for a reason the user must fix; ``cgrpo train`` prints the message and exits 2."""
+
+
+class RewardFailure(TrainingError):
     """A reward kept failing after all retries; the trainer checkpoints and exits with this message."""
+
+
+class CheckpointError(TrainingError):
+    """A checkpoint could not be written (disk full, permission denied); the previous one is intact."""
+
+
+def validate_data(config: DataConfig) -> None:
+    """Check every file of a ``jsonl`` (JSONL file or folder) dataset and its held-out set before training.
+
+    Raises one :class:`~cgrpo.data.formats.DatasetError` naming every offending file and line (missing,
+    unreadable or corrupt images, wrong mode or size, empty prompts, duplicate ids, ...).
+    """
+    if not config.validate or config.name != "jsonl":
+        return
+    from cgrpo.data.validate import validate_dataset
+
+    options = config.options
+    for key in ("path", "eval_path"):
+        if options.get(key):
+            validate_dataset(options[key], options.get("image_size"), split=options.get("split"))
 
 
 def score_with_retries(
@@ -65,21 +97,79 @@ def score_with_retries(
     subjects: Sequence[str],
     max_retries: int,
     backoff_s: float,
+    timeout_s: float = 0.0,
 ) -> torch.Tensor:
-    """Call ``reward``; on an exception retry with exponential backoff, then raise :class:`RewardFailure`."""
+    """Call ``reward``; on an exception (or a call longer than ``timeout_s`` > 0) retry with exponential
+    backoff, then raise :class:`RewardFailure`. A timed-out call cannot be interrupted: it is abandoned
+    in its thread and its result ignored."""
+    name = getattr(reward, "name", type(reward).__name__)
     for attempt in range(max_retries + 1):
         try:
-            scores = reward(images, references, prompts, subjects)
-            return torch.as_tensor(scores, dtype=torch.float32).reshape(-1).cpu()
+            scores = _call_with_timeout(reward, (images, references, prompts, subjects), timeout_s)
+            scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1).cpu()
+            if len(scores) != len(prompts):
+                raise ValueError(f"returned {len(scores)} scores for {len(prompts)} images")
+            return scores
         except Exception as error:  # a reward server may fail in any way; we retry all of them
             if attempt == max_retries:
-                name = getattr(reward, "name", type(reward).__name__)
                 raise RewardFailure(
                     f"reward '{name}' failed {max_retries + 1} times; "
                     f"last error: {type(error).__name__}: {error}"
                 ) from error
             time.sleep(backoff_s * 2**attempt)
     raise AssertionError("unreachable")
+
+
+def _call_with_timeout(fn, args: tuple, timeout_s: float):
+    if not timeout_s:
+        return fn(*args)
+    # A daemon thread, not a ThreadPoolExecutor: a hung call must not keep the process from exiting.
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["value"] = fn(*args)
+        except BaseException as error:  # handed to the caller below
+            result["error"] = error
+
+    thread = threading.Thread(target=target, name="reward-call", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise TimeoutError(f"no answer within rewards.timeout_s = {timeout_s:g} s")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def lr_factor(iteration: int, schedule: str, warmup: int, total: int, min_ratio: float = 0.0) -> float:
+    """Multiplier of the base learning rate at ``iteration`` (0-based) of ``total``.
+
+    ``constant``: 1. ``warmup``: linear ramp ``(i + 1) / warmup`` over the first ``warmup`` iterations,
+    then 1. ``cosine``: the same ramp, then a half cosine from 1 down to ``min_ratio`` at ``total``.
+    """
+    if schedule == "constant":
+        return 1.0
+    if iteration < warmup:
+        return (iteration + 1) / warmup
+    if schedule == "warmup":
+        return 1.0
+    if schedule != "cosine":
+        raise ValueError(f"unknown lr schedule {schedule!r}; expected constant, warmup or cosine")
+    progress = min(1.0, (iteration - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A ``LambdaLR`` stepped once per iteration (its state goes into checkpoints)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda i: lr_factor(
+            i, config.lr_schedule, config.warmup_iterations, config.iterations, config.min_lr_ratio
+        ),
+    )
 
 
 class BatchSampler:

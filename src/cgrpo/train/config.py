@@ -32,6 +32,7 @@ class PolicyConfig:
 class DataConfig:
     name: str = "mini"  # registered dataset: mini | jsonl | dreambench
     options: dict[str, Any] = field(default_factory=dict)
+    validate: bool = True  # check every file of a jsonl/folder dataset before the first iteration
 
 
 @dataclass
@@ -45,7 +46,8 @@ class RewardsConfig:
     identity: RewardConfig = field(default_factory=lambda: RewardConfig("mini_id"))
     prompt: RewardConfig = field(default_factory=lambda: RewardConfig("mini_prompt"))
     max_retries: int = 3  # a reward that raises is retried with backoff, then the run checkpoints and exits
-    retry_backoff_s: float = 1.0
+    retry_backoff_s: float = 1.0  # first wait; doubles after every failed attempt
+    timeout_s: float = 0.0  # a call that takes longer counts as a failure (and is retried); 0 = no limit
 
 
 @dataclass
@@ -66,6 +68,9 @@ class AdvantageConfig:
 class SamplingConfig:
     num_steps: int = 10  # T, denoising steps of a rollout
     noise_level: float = 0.7  # SDE noise (Flow-GRPO's `a`)
+    # Stochastic steps are the first `sde_steps` (None = all but the last); the rest run as an ODE so
+    # the final image carries no injected noise (MixGRPO's idea, fixed window). Trained steps come from these.
+    sde_steps: int | None = None
     formulation: Literal["flow_grpo", "dance_grpo"] = "flow_grpo"
     shift: float | None = None  # static sigma shift; None = FLUX's resolution-dependent shift
     guidance: float | None = None  # for guidance-distilled backbones (FLUX.1-dev: 3.5 in UNO)
@@ -90,6 +95,10 @@ class TrainConfig:
     inner_epochs: int = 1  # optimisation passes over one rollout batch
     micro_batch: int = 0  # training forward batch; 0 = all N samples at once
     optimizer_step: Literal["iteration", "timestep"] = "iteration"  # one AdamW step per iteration or per t
+    lr_schedule: Literal["constant", "warmup", "cosine"] = "constant"  # per iteration; saved in checkpoints
+    warmup_iterations: int = 0  # linear warmup from lr / warmup_iterations to lr (warmup and cosine)
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio at the last iteration
+    compile: bool = False  # torch.compile the transformer (GPU; on CPU it needs a C++ compiler and warms up)
 
 
 @dataclass
@@ -105,7 +114,8 @@ class EvalConfig:
 @dataclass
 class LogConfig:
     every: int = 1
-    sample_grid_every: int = 50
+    sample_grid_every: int = 50  # iterations between PNG grids of training rollouts (0 = never)
+    advantages: bool = True  # per-sample A_id, A_prompt to advantages.jsonl (`cgrpo analyze conflict`)
     tensorboard: bool = True
     wandb: bool = False
 
@@ -114,6 +124,17 @@ class LogConfig:
 class CheckpointConfig:
     every: int = 50  # iterations between checkpoints (0 = only at the end)
     keep_last: int = 2
+
+
+@dataclass
+class DistributedConfig:
+    """Multi-process training (docs/scaling.md). Launching with ``accelerate launch`` or ``torchrun`` with
+    more than one process turns it on by itself; ``enabled: true`` also uses accelerate for one process."""
+
+    enabled: bool = False
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"  # auto: DDP for LoRA, FSDP for full fine-tuning
+    find_unused_parameters: bool = False  # DDP: needed only if some trained parameter gets no gradient
+    timeout_s: float = 1800.0  # collective timeout (a rank stuck in a reward server fails the run then)
 
 
 @dataclass
@@ -131,6 +152,7 @@ class GRPOConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def validate(self) -> None:
         t, s = self.train, self.sampling
@@ -164,8 +186,57 @@ class GRPOConfig:
             a.ratio,
             "two non-negative numbers w_id, w_prompt",
         )
-        _require(len(t.betas) == 2, "train.betas", t.betas, "two numbers")
+        _require(
+            len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas),
+            "train.betas",
+            t.betas,
+            "two numbers in [0, 1)",
+        )
+        _require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, ">= 0")
+        _require(t.grad_clip > 0, "train.grad_clip", t.grad_clip, "> 0")
+        _require(t.kl_coef >= 0, "train.kl_coef", t.kl_coef, ">= 0")
+        _require(t.micro_batch >= 0, "train.micro_batch", t.micro_batch, ">= 0 (0 = all at once)")
+        _require(s.micro_batch >= 0, "sampling.micro_batch", s.micro_batch, ">= 0 (0 = all at once)")
+        _require(s.shift is None or s.shift > 0, "sampling.shift", s.shift, "> 0 or null")
+        _require(t.warmup_iterations >= 0, "train.warmup_iterations", t.warmup_iterations, ">= 0")
+        _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "between 0 and 1")
+        n_sde = s.num_steps - 1 if s.sde_steps is None else s.sde_steps
+        _require(
+            1 <= n_sde <= s.num_steps - 1,
+            "sampling.sde_steps",
+            s.sde_steps,
+            f"between 1 and {s.num_steps - 1}",
+        )
+        if t.step_selection != "window":
+            _require(
+                t.train_steps <= n_sde,
+                "train.train_steps",
+                t.train_steps,
+                f"at most sampling.sde_steps = {n_sde}",
+            )
+        if t.step_selection == "window":
+            _require(
+                1 <= t.window_size <= s.num_steps - 1,
+                "train.window_size",
+                t.window_size,
+                f"between 1 and sampling.num_steps - 1 = {s.num_steps - 1}",
+            )
+        _require(a.eps >= 0, "advantage.eps", a.eps, ">= 0")
+        r = self.rewards
+        _require(r.max_retries >= 0, "rewards.max_retries", r.max_retries, ">= 0")
+        _require(r.retry_backoff_s >= 0, "rewards.retry_backoff_s", r.retry_backoff_s, ">= 0")
+        _require(r.timeout_s >= 0, "rewards.timeout_s", r.timeout_s, ">= 0 (0 = no limit)")
+        e = self.eval
+        _require(e.every >= 0, "eval.every", e.every, ">= 0 (0 = only at start and end)")
+        _require(e.images_per_prompt >= 1, "eval.images_per_prompt", e.images_per_prompt, ">= 1")
+        _require(e.num_steps >= 1, "eval.num_steps", e.num_steps, ">= 1")
+        _require(self.log.every >= 0, "log.every", self.log.every, ">= 0")
+        _require(
+            self.checkpoint.every >= 0, "checkpoint.every", self.checkpoint.every, ">= 0 (0 = at the end)"
+        )
         _require(self.checkpoint.keep_last >= 1, "checkpoint.keep_last", self.checkpoint.keep_last, ">= 1")
+        d = self.distributed
+        _require(d.timeout_s > 0, "distributed.timeout_s", d.timeout_s, "> 0")
 
 
 def _require(ok: bool, key: str, value: Any, expected: str) -> None:

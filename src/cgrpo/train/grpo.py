@@ -12,13 +12,17 @@ One iteration (:meth:`GRPOTrainer.iteration`):
 8. log; evaluate held-out subjects; checkpoint
 
 The math lives in :mod:`cgrpo.advantage`, :mod:`cgrpo.sde` and :mod:`cgrpo.objective`; this file wires.
+With several processes (:mod:`cgrpo.train.distributed`) each one rolls out and scores its rows of the
+iteration's N = B * G samples; rewards are gathered before step 4, so groups are normalised as a whole.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -29,26 +33,34 @@ from tqdm.auto import tqdm
 
 from cgrpo.advantage import conflict_rate, group_normalize, sars, tdw_weights
 from cgrpo.config import save_config, to_dict
+from cgrpo.eval.analyses import log_advantages, truncate_advantages
 from cgrpo.imaging import grid, save_png
 from cgrpo.io import atomic_write_json
 from cgrpo.objective import clipped_policy_loss, gaussian_mean_kl
 from cgrpo.sde import flux_sigmas, sde_step_with_logprob, sde_window, select_steps, steps_to_mask
 from cgrpo.train.checkpoint import (
     latest_checkpoint,
-    load_checkpoint,
+    list_checkpoints,
+    read_checkpoint,
+    remove_stale_temp_dirs,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
 from cgrpo.train.components import (
     BatchSampler,
+    CheckpointError,
     RewardFailure,
+    TrainingError,
     build_datasets,
+    build_lr_scheduler,
     build_policy,
     build_rewards,
     score_with_retries,
+    validate_data,
 )
 from cgrpo.train.config import GRPOConfig
+from cgrpo.train.distributed import Distributed
 from cgrpo.train.heldout import HeldoutResult, evaluate_heldout
 from cgrpo.train.logger import MetricsLogger
 from cgrpo.train.rollout import Trajectory, rollout
@@ -57,17 +69,36 @@ from cgrpo.train.rollout import Trajectory, rollout
 class GRPOTrainer:
     def __init__(self, config: GRPOConfig, resume: bool = False, console: Console | None = None) -> None:
         self.config = config
-        self.console = console or Console(stderr=True)
+        self.dist = Distributed.setup(config.distributed, not config.policy.lora.enabled, config.device)
+        self.console = console or Console(stderr=True, quiet=not self.dist.is_main)
         self.output_dir = Path(config.output_dir)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, self.output_dir / "config.yaml")
+        self.checkpoint_dir = self.output_dir / "checkpoints"
+        if self.dist.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, self.output_dir / "config.yaml")
+            for stale in remove_stale_temp_dirs(self.checkpoint_dir):  # left by a save that was killed
+                self.console.print(f"[yellow]removed {stale}: an unfinished checkpoint write[/]")
+        # Every file of a JSONL/folder dataset is checked before anything expensive is built.
+        validate_data(config.data)
+        num_samples = config.train.prompts_per_iteration * config.train.group_size
+        if num_samples % self.dist.world_size:
+            raise TrainingError(
+                f"train.prompts_per_iteration x train.group_size = {num_samples} samples cannot be split "
+                f"evenly over {self.dist.world_size} processes; use a multiple of {self.dist.world_size}"
+            )
         torch.manual_seed(config.seed)
 
-        self.policy = build_policy(config.policy, config.device)
-        self.device = torch.device(config.device)
+        self.device = self.dist.device(config.device)
+        self.policy = build_policy(config.policy, str(self.device))
+        if config.sampling.guidance is not None:  # guidance-distilled backbones (FLUX.1-dev)
+            self.policy.guidance = config.sampling.guidance
+        if config.train.compile:
+            self.policy.transformer.compile()
         self.train_set, self.heldout = build_datasets(config.data, config.seed)
         self.identity_reward, self.prompt_reward = build_rewards(config)
         self.sampler = BatchSampler(len(self.train_set), config.train.prompts_per_iteration, config.seed)
+        # DDP/FSDP wrapping comes before the optimiser: FSDP replaces the parameters by sharded ones.
+        self.train_velocity = self.dist.wrap(self.policy)
         params = list(self.policy.trainable_parameters())
         if not params:
             raise ValueError("the policy has no trainable parameters (enable policy.lora or full training)")
@@ -77,6 +108,7 @@ class GRPOTrainer:
             betas=tuple(config.train.betas),
             weight_decay=config.train.weight_decay,
         )
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, config.train)
         image_seq_len = self.policy.latent_shape[0]
         self.sigmas = flux_sigmas(
             config.sampling.num_steps, image_seq_len=image_seq_len, shift=config.sampling.shift
@@ -89,63 +121,97 @@ class GRPOTrainer:
         self.step_generator = torch.Generator().manual_seed(config.seed + 1)
         self.step = 0
         self.history: dict[str, Any] = {"eval": []}
+        self._iteration_start: dict[str, Any] | None = None
         if resume:
             self._resume()
-        self.logger = MetricsLogger(
-            self.output_dir,
-            tensorboard=config.log.tensorboard,
-            wandb=config.log.wandb,
-            resume_step=self.step if resume else None,
-            console=self.console,
-            config=to_dict(config),
+        self.logger = (
+            MetricsLogger(
+                self.output_dir,
+                tensorboard=config.log.tensorboard,
+                wandb=config.log.wandb,
+                resume_step=self.step if resume else None,
+                console=self.console,
+                config=to_dict(config),
+            )
+            if self.dist.is_main
+            else _NullLogger()
         )
+        self.advantages_path = self.output_dir / "advantages.jsonl"
+        if self.dist.is_main and config.log.advantages:
+            if resume:
+                truncate_advantages(self.advantages_path, self.step)
+            else:
+                self.advantages_path.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------------------------------ loop
     def train(self, max_steps: int | None = None) -> dict[str, Any]:
         """Run until ``train.iterations`` (or ``max_steps`` more iterations); returns the eval history."""
         cfg = self.config
         end = cfg.train.iterations if max_steps is None else min(cfg.train.iterations, self.step + max_steps)
-        if self.step == 0 and not self.history["eval"]:
-            self._evaluate()
-        progress = tqdm(total=end, initial=self.step, desc="GRPO", unit="it", dynamic_ncols=True, leave=False)
+        progress = tqdm(
+            total=end,
+            initial=self.step,
+            desc="GRPO",
+            unit="it",
+            dynamic_ncols=True,
+            leave=False,
+            disable=not self.dist.is_main,
+        )
+        unlogged: dict[str, float] | None = None  # metrics of self.step not yet in metrics.jsonl
         try:
+            if self.step == 0 and not self.history["eval"]:
+                self._evaluate()
             while self.step < end:
                 metrics = self.iteration()
                 self.step += 1
+                self._iteration_start, unlogged = None, metrics  # the state is now that of self.step
                 if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < end:
                     metrics.update({f"eval/{k}": v for k, v in self._evaluate().items()})
                 if self.step == end:
                     metrics.update({f"eval/{k}": v for k, v in self._evaluate().items()})
                 if cfg.log.every and self.step % cfg.log.every == 0 or self.step == end:
-                    self.logger.log(self.step, metrics, echo=not progress.disable or True)
+                    self.logger.log(self.step, metrics, echo=True)
+                unlogged = None
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 or self.step == end:
                     self.save_checkpoint()
                 progress.update(1)
         except RewardFailure as failure:
-            # Never lose work to a failing reward model: checkpoint what is trained, then exit clearly.
-            path = self.save_checkpoint()
+            # Never lose work to a failing reward model. Failed while scoring an iteration: checkpoint the
+            # state at its start (weights and optimiser are untouched until its update). Failed in an
+            # evaluation after an iteration: log that iteration, checkpoint the current state.
+            if unlogged is not None:
+                self.logger.log(self.step, unlogged, echo=True)
+            path = self.save_checkpoint(self._iteration_start)
             raise RewardFailure(f"{failure}. Saved checkpoint {path}; resume with --resume.") from failure
         finally:
             progress.close()
             self.logger.close()
         self.save_policy(self.output_dir / "final")
         summary = {"base": self.history["eval"][0]["metrics"], "trained": self.history["eval"][-1]["metrics"]}
-        atomic_write_json(self.output_dir / "summary.json", summary)
+        if self.dist.is_main:
+            atomic_write_json(self.output_dir / "summary.json", summary)
+        self.dist.barrier()
         return summary
 
     def iteration(self) -> dict[str, float]:
         cfg = self.config
         G, T = cfg.train.group_size, cfg.sampling.num_steps
         timings: dict[str, float] = {}
+        self._iteration_start = self._resumable_state()  # what a checkpoint of this step must hold
 
-        # 1. A batch of (reference, prompt) pairs; each pair is repeated G times (one group).
+        # 1. A batch of (reference, prompt) pairs; each pair is repeated G times (one group). This process
+        #    handles `rows` of the N = B * G samples (all of them with one process).
         examples = [self.train_set[i] for i in self.sampler.next()]
-        prompts = [e.prompt for e in examples for _ in range(G)]
-        subjects = [e.subject_class for e in examples for _ in range(G)]
+        num_samples = len(examples) * G
+        rows = self.dist.local_rows(num_samples)
+        prompts = [e.prompt for e in examples for _ in range(G)][rows]
+        subjects = [e.subject_class for e in examples for _ in range(G)][rows]
         references = torch.stack([e.reference for e in examples])
-        cond = self.policy.condition(
-            [e.prompt for e in examples], references.to(self.device)
-        ).repeat_interleave(G)
+        cond = (
+            self.policy.condition([e.prompt for e in examples], references.to(self.device))
+            .repeat_interleave(G)
+            .index(rows)
+        )
 
         # The denoising steps trained this iteration (Alg. 1 line 10), as real step indices (0 = noisiest);
         # drawn before the rollout because MixGRPO's window also decides which steps are stochastic.
@@ -163,21 +229,34 @@ class GRPOTrainer:
             noise_level=cfg.sampling.noise_level,
             formulation=cfg.sampling.formulation,
             micro_batch=cfg.sampling.micro_batch,
+            shard=(rows, num_samples),
         )
         images = self.policy.decode(trajectory.final.to(self.device))
         timings["time/rollout"] = time.perf_counter() - tic
+        every = cfg.log.sample_grid_every
+        if every and (self.step + 1) % every == 0 and self.dist.is_main:
+            self._save_rollout_grid(references.repeat_interleave(G, dim=0)[rows], images)
 
-        # 3. Both rewards; a non-finite score masks that sample out of its group.
+        # 3. Both rewards, gathered over processes; a non-finite score masks that sample out of its group.
         tic = time.perf_counter()
-        group_references = references.repeat_interleave(G, dim=0)
-        r_id = self._score(self.identity_reward, images, group_references, prompts, subjects)
-        r_prompt = self._score(self.prompt_reward, images, group_references, prompts, subjects)
+        group_references = references.repeat_interleave(G, dim=0)[rows]
+        r_id, r_prompt = self._score(images, group_references, prompts, subjects)
         valid = torch.isfinite(r_id) & torch.isfinite(r_prompt)
+        skipped = valid.view(-1, G).sum(dim=1) < 2  # no pair of valid samples: zero advantage, no signal
         timings["time/reward"] = time.perf_counter() - tic
 
         # 4. Each reward normalised inside its own group (Eq. 8).
         a_id = group_normalize(r_id, G, eps=cfg.advantage.eps, std=cfg.advantage.std, valid=valid)
         a_prompt = group_normalize(r_prompt, G, eps=cfg.advantage.eps, std=cfg.advantage.std, valid=valid)
+        if cfg.log.advantages and self.dist.is_main:  # for the conflict analysis (Fig. 7)
+            nan = float("nan")
+            log_advantages(
+                self.advantages_path,
+                self.step + 1,
+                a_id.masked_fill(~valid, nan),
+                a_prompt.masked_fill(~valid, nan),
+                G,
+            )
 
         # 5-6. TDW weights keyed by the real step, then SARS per (sample, step) -> [N, k].
         w_id, w_prompt = self._tdw(steps)
@@ -191,10 +270,17 @@ class GRPOTrainer:
         )
         advantages = torch.where(valid[:, None], advantages, torch.zeros_like(advantages))
 
-        # 7. Clipped policy loss on the selected steps; AdamW.
+        # 7. Clipped policy loss on the selected steps (this process's rows); AdamW. An iteration whose
+        #    groups are all skipped has no learning signal and makes no update.
         tic = time.perf_counter()
         self.policy.train()
-        loss_stats = self._optimize(trajectory, cond, steps, advantages)
+        if skipped.all():
+            loss_stats = dict.fromkeys(("loss", "clip_fraction", "approx_kl", "ratio_mean", "grad_norm"), 0.0)
+        else:
+            loss_stats = self._optimize(trajectory, cond, steps, advantages[rows])
+        with warnings.catch_warnings():  # torch warns when an iteration without update steps the schedule
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`", UserWarning)
+            self.lr_scheduler.step()
         timings["time/train"] = time.perf_counter() - tic
 
         # 8. What the run shows: rewards, the conflict rate (Fig. 7), optimisation diagnostics.
@@ -210,6 +296,7 @@ class GRPOTrainer:
             else float("nan"),
             "advantage/abs_mean": float(advantages.abs().mean()),
             "invalid_samples": int((~valid).sum()),
+            "skipped_groups": int(skipped.sum()),
             "clip_fraction": loss_stats["clip_fraction"],
             "approx_kl": loss_stats["approx_kl"],
             "ratio_mean": loss_stats["ratio_mean"],
@@ -219,18 +306,23 @@ class GRPOTrainer:
         }
 
     # --------------------------------------------------------------------------------------- pieces
+    def _num_sde_steps(self) -> int:
+        s = self.config.sampling
+        return s.num_steps - 1 if s.sde_steps is None else s.sde_steps
+
     def _sde_steps(self) -> torch.Tensor:
-        """Steps sampled stochastically: all but the last (the final step to sigma=0 stays deterministic)."""
-        steps = torch.ones(self.config.sampling.num_steps, dtype=torch.bool)
-        steps[-1] = False
+        """Steps sampled stochastically: the first ``sampling.sde_steps`` (default all but the last)."""
+        steps = torch.zeros(self.config.sampling.num_steps, dtype=torch.bool)
+        steps[: self._num_sde_steps()] = True
         return steps
 
     def _select_steps(self) -> torch.Tensor:
         t = self.config.train
         if t.step_selection == "window":
             return sde_window(self.step, self.config.sampling.num_steps, t.window_size)
+        # select_steps draws from the first (num_steps - 1) steps, so this draws among the SDE steps.
         return select_steps(
-            self.config.sampling.num_steps, t.step_selection, k=t.train_steps, generator=self.step_generator
+            self._num_sde_steps() + 1, t.step_selection, k=t.train_steps, generator=self.step_generator
         )
 
     def _tdw(self, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,11 +338,44 @@ class GRPOTrainer:
             ratio=tuple(a.ratio),
         )
 
-    def _score(self, reward, images, references, prompts, subjects) -> torch.Tensor:
+    def _score(self, images, references, prompts, subjects) -> tuple[torch.Tensor, torch.Tensor]:
+        """(identity, prompt) rewards ``[N]`` of all processes' samples; each process scores its rows.
+
+        A reward that keeps failing raises :class:`RewardFailure` on every process (they agree first, so
+        no process is left waiting in the gather)."""
         r = self.config.rewards
-        return score_with_retries(
-            reward, images, references, prompts, subjects, r.max_retries, r.retry_backoff_s
-        )
+        failure: RewardFailure | None = None
+        scores = []
+        try:
+            for reward in (self.identity_reward, self.prompt_reward):
+                scores.append(
+                    score_with_retries(
+                        reward,
+                        images,
+                        references,
+                        prompts,
+                        subjects,
+                        r.max_retries,
+                        r.retry_backoff_s,
+                        r.timeout_s,
+                    )
+                )
+        except RewardFailure as error:
+            failure = error
+        if not self.dist.all_true(failure is None):
+            raise failure or RewardFailure("a reward failed on another process (see its log)")
+        return self.dist.gather(scores[0]), self.dist.gather(scores[1])
+
+    def _with_retries(self, reward):
+        """``reward`` for evaluation: retried like the training rewards, :class:`RewardFailure` at the end."""
+        r = self.config.rewards
+
+        def call(images, references, prompts, subjects=None):
+            return score_with_retries(
+                reward, images, references, prompts, subjects, r.max_retries, r.retry_backoff_s, r.timeout_s
+            )
+
+        return call
 
     def _optimize(
         self, trajectory: Trajectory, cond, steps: torch.Tensor, advantages: torch.Tensor
@@ -279,47 +404,51 @@ class GRPOTrainer:
                 x_t = trajectory.latents[i, t].to(self.device)
                 x_next = trajectory.latents[i, t + 1].to(self.device)
                 sigma, sigma_next = trajectory.sigmas[t], trajectory.sigmas[t + 1]
-                velocity = self.policy.velocity(x_t, sigma.to(self.device), cond.index(i))
-                transition = sde_step_with_logprob(
-                    velocity,
-                    sigma.to(self.device),
-                    sigma_next.to(self.device),
-                    x_t,
-                    noise_level=cfg.sampling.noise_level,
-                    prev_sample=x_next,
-                    formulation=cfg.sampling.formulation,
-                )
-                kl_term = self._kl_to_reference(x_t, sigma, sigma_next, cond.index(i), transition)
-                out = clipped_policy_loss(
-                    transition.log_prob,
-                    trajectory.log_probs[i, t].to(self.device),
-                    advantages[i, j].to(self.device),
-                    clip_range=cfg.train.clip_range,
-                    adv_clip=cfg.train.adv_clip,
-                )
-                weight = len(i) / total
-                ((out.loss + kl_term) * weight).backward()
-                sums["loss"] += float(out.loss) * weight
-                sums["clip_fraction"] += float(out.clip_fraction) * weight
-                sums["approx_kl"] += float(out.approx_kl) * weight
-                sums["ratio_mean"] += float(out.ratio_mean) * weight
                 last_of_step = cfg.train.optimizer_step == "timestep" and (
                     start + chunk >= total or column[min(start + chunk, total - 1)] != j[-1]
                 )
-                if last_of_step or start + chunk >= total:
+                ends_step = last_of_step or start + chunk >= total
+                # Gradients are averaged over processes only on the micro-batch that ends a step.
+                with self.dist.sync_gradients(ends_step):
+                    velocity = self.train_velocity(x_t, sigma.to(self.device), cond.index(i))
+                    transition = sde_step_with_logprob(
+                        velocity,
+                        sigma.to(self.device),
+                        sigma_next.to(self.device),
+                        x_t,
+                        noise_level=cfg.sampling.noise_level,
+                        prev_sample=x_next,
+                        formulation=cfg.sampling.formulation,
+                    )
+                    kl_term = self._kl_to_reference(x_t, sigma, sigma_next, cond.index(i), transition)
+                    out = clipped_policy_loss(
+                        transition.log_prob,
+                        trajectory.log_probs[i, t].to(self.device),
+                        advantages[i, j].to(self.device),
+                        clip_range=cfg.train.clip_range,
+                        adv_clip=cfg.train.adv_clip,
+                    )
+                    weight = len(i) / total
+                    self.dist.backward((out.loss + kl_term) * weight)
+                sums["loss"] += float(out.loss.detach()) * weight
+                sums["clip_fraction"] += float(out.clip_fraction) * weight
+                sums["approx_kl"] += float(out.approx_kl) * weight
+                sums["ratio_mean"] += float(out.ratio_mean) * weight
+                if ends_step:
                     grad_norms.append(self._optimizer_step())
         epochs = cfg.train.inner_epochs
-        return {**{k: v / epochs for k, v in sums.items()}, "grad_norm": sum(grad_norms) / len(grad_norms)}
+        stats = self.dist.mean({k: v / epochs for k, v in sums.items()})  # every process has as many rows
+        return {**stats, "grad_norm": sum(grad_norms) / len(grad_norms)}
 
     def _optimizer_step(self) -> float:
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.train.grad_clip)
-        if torch.isfinite(grad_norm):
+        grad_norm = self.dist.clip_grad_norm_(params, self.config.train.grad_clip)
+        if math.isfinite(grad_norm):
             self.optimizer.step()
         else:  # a non-finite gradient would poison the weights and every later checkpoint
             self.console.print("[yellow]non-finite gradient norm: optimiser step skipped[/]")
         self.optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm)
+        return grad_norm
 
     def _kl_to_reference(self, x_t, sigma, sigma_next, cond, transition) -> torch.Tensor:
         """Flow-GRPO's KL between the Gaussian transitions of the policy and the frozen base (LoRA off)."""
@@ -348,8 +477,8 @@ class GRPOTrainer:
         result = evaluate_heldout(
             self.policy,
             self.heldout,
-            self.identity_reward,
-            self.prompt_reward,
+            self._with_retries(self.identity_reward),
+            self._with_retries(self.prompt_reward),
             self.eval_sigmas,
             seed=cfg.seed,
             images_per_prompt=cfg.images_per_prompt,
@@ -357,7 +486,8 @@ class GRPOTrainer:
         )
         metrics = result.summary()
         self.history["eval"].append({"step": self.step, "metrics": metrics})
-        self._save_eval_images(result)
+        if self.dist.is_main:  # every process evaluates (FSDP needs them all); one writes
+            self._save_eval_images(result)
         return metrics
 
     def _save_eval_images(self, result: HeldoutResult) -> None:
@@ -377,32 +507,61 @@ class GRPOTrainer:
 
             logger.add_image("eval/samples", np.asarray(grid([result.images[:16]], scale=2)), self.step)
 
-    def save_checkpoint(self) -> Path:
-        state = {
-            "optimizer": self.optimizer.state_dict(),
+    def _resumable_state(self) -> dict[str, Any]:
+        """Data position, RNG states, lr schedule and tracker state (small; snapshotted every iteration)."""
+        return {
             "sampler": self.sampler.state_dict(),
             "rollout_generator": self.rollout_generator.get_state(),
             "step_generator": self.step_generator.get_state(),
             "rng": rng_state(),
-            "history": self.history,
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "history": copy.deepcopy(self.history),
         }
-        return save_checkpoint(
-            self.output_dir / "checkpoints",
-            self.step,
-            self.policy.transformer,
-            state,
-            self.config.checkpoint.keep_last,
-        )
+
+    def _save_rollout_grid(self, references: torch.Tensor, images: torch.Tensor) -> None:
+        """Reference | the G rollout images of the first groups, one row per sample."""
+        rows = min(len(images), 2 * self.config.train.group_size)
+        path = self.output_dir / "samples" / f"rollout-step-{self.step + 1:06d}.png"
+        save_png(grid([references[:rows].cpu(), images[:rows].cpu()]), path)
+
+    def save_checkpoint(self, resumable: dict[str, Any] | None = None) -> Path:
+        """Checkpoint ``self.step`` atomically (rank 0 writes; every process must call it).
+
+        ``resumable``: the :meth:`_resumable_state` to store instead of the current one (the state at the
+        start of an iteration that failed before its update). A failed write raises
+        :class:`CheckpointError` on every process and leaves the previous checkpoint intact."""
+        weights = self.dist.trainable_state_dict(self.policy.transformer)
+        optimizer = self.dist.optimizer_state_dict(self.policy.transformer, self.optimizer)
+        path = self.checkpoint_dir / f"step-{self.step:06d}"
+        error: BaseException | None = None
+        if self.dist.is_main:
+            state = {"optimizer": optimizer, **(resumable or self._resumable_state())}
+            try:
+                save_checkpoint(
+                    self.checkpoint_dir, self.step, weights, state, self.config.checkpoint.keep_last
+                )
+            except OSError as failure:
+                error = failure
+        if not self.dist.all_true(error is None):
+            previous = [p.name for p in list_checkpoints(self.checkpoint_dir)]
+            kept = (
+                f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint"
+            )
+            raise CheckpointError(
+                f"could not write checkpoint {path}: {error or 'failed on rank 0'}; {kept}"
+            ) from error
+        return path
 
     def _resume(self) -> None:
-        path = latest_checkpoint(self.output_dir / "checkpoints")
+        path = latest_checkpoint(self.checkpoint_dir)
         if path is None:
-            self.console.print(
-                f"[yellow]--resume: no checkpoint in {self.output_dir}/checkpoints; starting fresh[/]"
-            )
+            self.console.print(f"[yellow]--resume: no checkpoint in {self.checkpoint_dir}; starting fresh[/]")
             return
-        state = load_checkpoint(path, self.policy.transformer)
-        self.optimizer.load_state_dict(state["optimizer"])
+        weights, state = read_checkpoint(path)
+        self.dist.load_trainable(self.policy.transformer, weights, path)
+        self.dist.load_optimizer_state_dict(self.policy.transformer, self.optimizer, state["optimizer"])
+        if "lr_scheduler" in state:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         self.rollout_generator.set_state(state["rollout_generator"])
         self.step_generator.set_state(state["step_generator"])
@@ -413,11 +572,27 @@ class GRPOTrainer:
 
     def save_policy(self, directory: Path) -> None:
         """The trained adapter (or full weights) in the policy's own format, plus the eval history."""
-        if self.config.policy.lora.enabled and hasattr(self.policy, "save_lora"):
-            self.policy.save_lora(directory)
-        else:
-            self.policy.save_pretrained(directory)
-        atomic_write_json(directory / "eval_history.json", self.history["eval"])
+        with self.dist.full_weights(self.policy.transformer):
+            if self.dist.is_main:
+                if self.config.policy.lora.enabled and hasattr(self.policy, "save_lora"):
+                    self.policy.save_lora(directory)
+                else:
+                    self.policy.save_pretrained(directory)
+                atomic_write_json(directory / "eval_history.json", self.history["eval"])
+        self.dist.barrier()
+
+
+class _NullLogger:
+    """The metrics logger of processes other than rank 0: they log nothing."""
+
+    def log(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def add_image(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _nanmean(values: torch.Tensor) -> float:
@@ -428,6 +603,9 @@ def _nanmean(values: torch.Tensor) -> float:
 def train(config: GRPOConfig, resume: bool = False, max_steps: int | None = None) -> dict[str, Any]:
     """Run Customized-GRPO (or a baseline/ablation, by config); returns ``{"base": ..., "trained": ...}``."""
     trainer = GRPOTrainer(config, resume=resume)
-    summary = trainer.train(max_steps=max_steps)
-    Console(stderr=True).print(json.dumps(summary, indent=1))
+    try:
+        summary = trainer.train(max_steps=max_steps)
+    finally:
+        trainer.dist.close()
+    trainer.console.print(json.dumps(summary, indent=1))
     return summary

@@ -34,7 +34,9 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
+            # On resume, purge events past the resumed step so the curves hold one value per step.
+            purge_step = None if resume_step is None else resume_step + 1
+            self._writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"), purge_step=purge_step)
         self._wandb = None
         if wandb:
             try:

@@ -45,14 +45,24 @@ def rollout(
     formulation: str = "flow_grpo",
     micro_batch: int = 0,
     initial_noise: torch.Tensor | None = None,
+    shard: tuple[slice, int] | None = None,
 ) -> Trajectory:
     """Sample ``len(cond)`` trajectories; SDE on ``sde_steps`` (``[T]`` bool), Euler ODE elsewhere.
 
     All randomness comes from ``generator`` (CPU), so a seed reproduces the rollout exactly on CPU.
+    ``shard = (rows, total)``: this process rolls out rows ``rows`` of a global batch of ``total`` samples
+    (``cond`` holds those rows only). The noise is still drawn for all ``total`` samples and sliced, so every
+    process keeps the same generator state and 1 or W processes produce the same samples.
     """
     num_samples = len(cond)
+    rows, total = shard if shard is not None else (slice(0, num_samples), num_samples)
+    if len(range(total)[rows]) != num_samples:
+        raise ValueError(f"shard {rows} of {total} samples does not match the {num_samples} conditions")
     num_steps = len(sigmas) - 1
-    latents = policy.initial_noise(num_samples, generator) if initial_noise is None else initial_noise.float()
+    latents = policy.initial_noise(total, generator)[rows] if initial_noise is None else initial_noise.float()
+    latents = latents.to(
+        cond.prompt_embeds.device
+    )  # noise comes from a CPU generator; the model may be on GPU
     states = [latents]
     log_probs = torch.zeros(num_samples, num_steps)
     chunk = micro_batch or num_samples
@@ -68,21 +78,48 @@ def rollout(
                 for i in range(0, num_samples, chunk)
             ]
         )
-        if bool(sde_steps[t]):
+        if bool(sde_steps[t]) and noise_level == 0:  # a deterministic "SDE" step draws no noise
+            step = sde_step_with_logprob(velocity, sigma, sigma_next, latents, 0.0, formulation=formulation)
+            latents, log_probs[:, t] = step.prev_sample.float(), step.log_prob.float()
+        elif bool(sde_steps[t]) and num_samples == total:  # all rows here: the generator draws directly
             step = sde_step_with_logprob(
                 velocity,
                 sigma,
                 sigma_next,
                 latents,
-                noise_level=noise_level,
+                noise_level,
                 generator=generator,
                 formulation=formulation,
+            )
+            latents, log_probs[:, t] = step.prev_sample.float(), step.log_prob.float()
+        elif bool(sde_steps[t]):
+            noise = _global_noise(generator, total, latents.shape[1:])[rows]
+            # The transition's mean and std, then the sample, then its log-prob (the same arithmetic
+            # sde_step_with_logprob performs when it draws the noise itself, on this process's rows).
+            moments = sde_step_with_logprob(
+                velocity,
+                sigma,
+                sigma_next,
+                latents,
+                noise_level,
+                prev_sample=latents,
+                formulation=formulation,
+            )
+            drawn = moments.mean + moments.std.view(-1, *([1] * (latents.ndim - 1))) * noise.to(
+                latents.device
+            )
+            step = sde_step_with_logprob(
+                velocity, sigma, sigma_next, latents, noise_level, prev_sample=drawn, formulation=formulation
             )
             latents, log_probs[:, t] = step.prev_sample.float(), step.log_prob.float()
         else:
             latents = ode_step(velocity, sigma, sigma_next, latents).float()
         states.append(latents)
     return Trajectory(torch.stack(states, dim=1), log_probs, sigmas.float(), sde_steps.bool())
+
+
+def _global_noise(generator: torch.Generator, total: int, shape: torch.Size) -> torch.Tensor:
+    return torch.randn((total, *shape), generator=generator, dtype=torch.float32, device=generator.device)
 
 
 @torch.no_grad()

@@ -32,6 +32,7 @@ from cgrpo.config import ConfigError, load_config, save_config
 from cgrpo.data.base import Example
 from cgrpo.policy.base import Conditioning
 from cgrpo.policy.flux import ReferenceFluxPolicy, atomic_directory
+from cgrpo.train.config import DataConfig, LoraConfig, RewardsConfig
 from cgrpo.train.sampling import sample_ode
 
 # --- config ------------------------------------------------------------------------------------------
@@ -46,12 +47,22 @@ class SFTDataConfig:
     kinds: list[str] | None = None  # prompt kinds to train on; None = the mini world's full mix
     world_seed: int = 0  # which mini world (subjects) to build
     eval_examples: int = 8  # held-out (test-split) examples sampled into every preview grid
+    # A registered dataset exactly as a GRPO config names it (`data:` of configs/mini/customized_grpo.yaml):
+    # the SFT baseline then trains on the RL runs' (reference, prompt, target) pairs and is evaluated on their
+    # held-out set. When set, the mini-world keys above are ignored.
+    dataset: DataConfig | None = None
 
 
 @dataclass
 class SFTModelConfig:
     init: str | None = None  # a policy directory to continue from; None = a random mini policy
     patch_size: int = 4
+    # A registered policy to continue from (e.g. "mini" = the committed base, "uno"), built with `options`;
+    # takes precedence over `init`. With `lora.enabled` only a fresh LoRA on the transformer is trained (the
+    # text encoder stays frozen), as in the GRPO and RPO runs; `final/` then holds the adapter.
+    policy: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(enabled=False))
 
 
 @dataclass
@@ -75,11 +86,27 @@ class SFTFlowConfig:
 
 
 @dataclass
+class SFTHeldoutConfig:
+    """Held-out rewards of the base and the trained policy (``summary.json``), as a GRPO run reports them."""
+
+    enabled: bool = False
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    num_steps: int = 10  # ODE steps (GRPO's eval.num_steps)
+    shift: float | None = None  # sigma shift (GRPO's sampling.shift); None = FLUX's resolution-dependent one
+    seed: int = 1234  # GRPO's eval.seed: the same initial noise as the GRPO runs' evaluations
+    images_per_prompt: int = 1
+    micro_batch: int = 0  # GRPO's sampling.micro_batch (batch composition changes float sums slightly)
+    num_subjects: int = 16  # mini world without data.dataset: world.eval_set(num_subjects, prompts_per_kind)
+    prompts_per_kind: int = 1
+
+
+@dataclass
 class SFTConfig:
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     model: SFTModelConfig = field(default_factory=SFTModelConfig)
     optim: SFTOptimConfig = field(default_factory=SFTOptimConfig)
     flow: SFTFlowConfig = field(default_factory=SFTFlowConfig)
+    heldout: SFTHeldoutConfig = field(default_factory=SFTHeldoutConfig)
     seed: int = 0
     output_dir: Path = Path("runs/sft")
     log_every: int = 25
@@ -148,6 +175,24 @@ def flow_matching_loss(
     noise = noise.to(x0.device)
     x_sigma = (1.0 - s) * x0 + s * noise
     v = policy.velocity(x_sigma, sigma, cond)
+    return torch.mean((v - (noise - x0)) ** 2)
+
+
+def conditioned_flow_matching_loss(
+    policy: ReferenceFluxPolicy,
+    prompts: Sequence[str],
+    references: torch.Tensor,
+    targets: torch.Tensor,
+    sigma: torch.Tensor,
+    noise: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`flow_matching_loss` through ``policy.condition`` (frozen text encoders): the LoRA fine-tuning
+    path, which works for every policy (the mini one, UNO's T5 + CLIP). Same shapes."""
+    x0 = policy.encode_images(targets)
+    cond = policy.condition(prompts, references.to(x0.device))
+    s = sigma.to(x0.device)[:, None, None]
+    noise = noise.to(x0.device)
+    v = policy.velocity((1.0 - s) * x0 + s * noise, sigma, cond)
     return torch.mean((v - (noise - x0)) ** 2)
 
 
@@ -261,6 +306,10 @@ def build_mini_data(config: SFTDataConfig, seed: int) -> tuple[Sequence[Example]
 
 
 def _build_policy(config: SFTConfig) -> ReferenceFluxPolicy:
+    if config.model.policy is not None:
+        from cgrpo import policy as policies
+
+        return policies.build(config.model.policy, **config.model.options)  # type: ignore[return-value]
     if config.model.init is not None:
         return ReferenceFluxPolicy.from_pretrained(config.model.init)
     from cgrpo.policy.mini import build_mini_policy
@@ -315,6 +364,7 @@ def evaluate(
     flow: SFTFlowConfig,
     seed: int,
     sample_steps: int,
+    loss_fn: Any = None,
 ) -> tuple[dict[str, float], list[torch.Tensor]]:
     """Fixed-seed eval loss and ODE samples of held-out examples -> (metrics, [refs, samples, targets])."""
     prompts = [e.prompt for e in examples]
@@ -324,7 +374,7 @@ def evaluate(
     n, c = policy.latent_shape
     sigma = sample_sigmas(len(examples), flow, generator)
     noise = torch.randn(len(examples), n, c, generator=generator)
-    loss = flow_matching_loss(policy, prompts, references, targets, sigma, noise)
+    loss = (loss_fn or flow_matching_loss)(policy, prompts, references, targets, sigma, noise)
     cond = policy.condition(prompts, references)
     images = policy.decode(sample_ode(policy, cond, sample_steps, generator=generator))
     metrics = {
@@ -343,9 +393,13 @@ def _save_checkpoint(
     ema: EMA,
     batcher: ExampleBatcher,
     generator: torch.Generator,
+    lora_only: bool = False,
 ) -> None:
     with atomic_directory(directory) as tmp:
-        policy.save_pretrained(tmp / "policy")
+        if lora_only:  # the frozen base is rebuilt from the config on resume (UNO's would be ~24 GB)
+            policy.save_lora(tmp / "lora")
+        else:
+            policy.save_pretrained(tmp / "policy")
         state = {
             "step": step,
             "optimizer": optimizer.state_dict(),
@@ -357,6 +411,65 @@ def _save_checkpoint(
         torch.save(state, tmp / "state.pt")
 
 
+class _Heldout:
+    """Held-out rewards of the base and the trained policy, with the GRPO runs' sampler and seed."""
+
+    def __init__(
+        self, config: SFTConfig, policy: ReferenceFluxPolicy, examples: Sequence[Example] | None
+    ) -> None:
+        from cgrpo.sde import flux_sigmas
+        from cgrpo.train.components import build_rewards
+
+        h = config.heldout
+        if examples is None:
+            from cgrpo.data.miniworld import MiniWorld
+
+            d = config.data
+            world = MiniWorld(d.image_size, d.num_train_subjects, d.num_test_subjects, seed=d.world_seed)
+            examples = world.eval_set(num_subjects=h.num_subjects, prompts_per_kind=h.prompts_per_kind)
+        self.examples = list(examples)
+        self.config = h
+        self.policy = policy
+        self.identity, self.prompt = build_rewards(h)  # type: ignore[arg-type]
+        self.sigmas = flux_sigmas(h.num_steps, image_seq_len=policy.latent_shape[0], shift=h.shift)
+
+    def evaluate(self) -> dict[str, float]:
+        from cgrpo.train.heldout import evaluate_heldout
+
+        h = self.config
+        result = evaluate_heldout(
+            self.policy,
+            self.examples,
+            self.identity,
+            self.prompt,
+            self.sigmas,
+            h.seed,
+            h.images_per_prompt,
+            micro_batch=h.micro_batch,
+        )
+        return result.summary()
+
+    def base(self, out: Path, logger: _Logger, fresh: bool) -> None:
+        """Score the policy before training (a resumed run keeps the scores of its start)."""
+        from cgrpo.io import atomic_write_json
+
+        path = out / "heldout_base.json"
+        if fresh or not path.is_file():
+            if not fresh:
+                raise FileNotFoundError(f"{path} is missing: cannot report the base of a resumed SFT run")
+            metrics = self.evaluate()
+            atomic_write_json(path, metrics)
+            logger.log(0, {f"eval/{k}": v for k, v in metrics.items()})
+        self.base_metrics = json.loads(path.read_text())
+
+    def trained(self, out: Path, logger: _Logger, step: int) -> None:
+        from cgrpo.io import atomic_write_json
+
+        metrics = self.evaluate()
+        logger.log(step, {f"eval/{k}": v for k, v in metrics.items()})
+        atomic_write_json(out / "summary.json", {"base": self.base_metrics, "trained": metrics})
+
+
 # --- the run -----------------------------------------------------------------------------------------
 
 
@@ -366,11 +479,16 @@ def run_sft(
     policy: ReferenceFluxPolicy | None = None,
     train_data: Sequence[Example] | None = None,
     eval_data: Sequence[Example] | None = None,
+    heldout_data: Sequence[Example] | None = None,
 ) -> Path:
     """Train, then return the directory of the final EMA weights (``output_dir/final``).
 
     ``policy``/``train_data``/``eval_data`` replace the mini world and the random mini policy (tests, other
     datasets). Deterministic on CPU for ``config.seed``, including across a resume.
+
+    With ``heldout.enabled`` the base (before the first step) and the final EMA policy are scored with both
+    rewards on ``heldout_data`` (default: ``data.dataset``'s held-out set, else the mini world's
+    ``eval_set``) and ``summary.json`` gets ``{"base": ..., "trained": ...}`` as a GRPO run writes it.
     """
     from tqdm.auto import tqdm
 
@@ -382,21 +500,40 @@ def run_sft(
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
 
+    if train_data is None and config.data.dataset is not None:
+        from cgrpo.train.components import build_datasets
+
+        train_data, dataset_heldout = build_datasets(config.data.dataset, config.seed)
+        heldout_data = dataset_heldout if heldout_data is None else heldout_data
+        eval_data = dataset_heldout[: config.data.eval_examples] if eval_data is None else eval_data
     if train_data is None:
         train_data, default_eval = build_mini_data(config.data, config.seed)
         eval_data = default_eval if eval_data is None else eval_data
     eval_data = list(eval_data or [])
 
+    lora = config.model.lora
     checkpoint = out / "checkpoint"
     resume = config.resume and (checkpoint / "state.pt").is_file()
-    if resume:
+    if resume and lora.enabled:
+        policy = _build_policy(config) if policy is None else policy
+        policy.load_lora(checkpoint / "lora")
+    elif resume:
         policy = ReferenceFluxPolicy.from_pretrained(checkpoint / "policy")
     elif policy is None:
         policy = _build_policy(config)
-    policy.requires_grad_(True)
+    if lora.enabled:
+        # Only a fresh adapter on the transformer learns; text encoders stay frozen (as in GRPO and RPO).
+        if not policy.has_lora:
+            policy.add_lora(lora.rank, lora.alpha, lora.dropout, lora.target_modules)
+        modules = [policy.transformer]
+        loss_fn = conditioned_flow_matching_loss
+    else:
+        policy.requires_grad_(True)
+        modules = [policy.transformer, policy.text_encoder]
+        loss_fn = flow_matching_loss
     policy.train()
-    modules = [policy.transformer, policy.text_encoder]
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    heldout = _Heldout(config, policy, heldout_data) if config.heldout.enabled else None
 
     optim = config.optim
     optimizer = torch.optim.AdamW(_param_groups(modules, optim.weight_decay), lr=optim.lr, betas=optim.betas)
@@ -428,11 +565,16 @@ def run_sft(
             return
         policy.eval()
         with ema.swapped():
-            metrics, columns = evaluate(policy, eval_data, config.flow, config.seed + 1, config.sample_steps)
+            metrics, columns = evaluate(
+                policy, eval_data, config.flow, config.seed + 1, config.sample_steps, loss_fn=loss_fn
+            )
         policy.train()
         save_png(grid(columns), out / "samples" / f"step_{step:06d}.png")
         logger.log(step, metrics)
         tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+    if heldout is not None:
+        heldout.base(out, logger, fresh=start == 0)
 
     bar = tqdm(
         range(start, optim.steps),
@@ -445,7 +587,7 @@ def run_sft(
         prompts, references, targets = batcher.next()
         sigma = sample_sigmas(len(prompts), config.flow, generator)
         noise = torch.randn(len(prompts), n_tokens, channels, generator=generator)
-        loss = flow_matching_loss(policy, prompts, references, targets, sigma, noise)
+        loss = loss_fn(policy, prompts, references, targets, sigma, noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)
@@ -470,7 +612,17 @@ def run_sft(
             run_eval(done)
             last_eval = done
         if config.save_every and done % config.save_every == 0 and done < optim.steps:
-            _save_checkpoint(checkpoint, policy, done, optimizer, scheduler, ema, batcher, generator)
+            _save_checkpoint(
+                checkpoint,
+                policy,
+                done,
+                optimizer,
+                scheduler,
+                ema,
+                batcher,
+                generator,
+                lora_only=lora.enabled,
+            )
         if done % config.log_every == 0:
             tick = time.perf_counter()  # restart the clock after evals and saves: they are not training steps
 
@@ -485,7 +637,12 @@ def run_sft(
     final = out / "final"
     policy.eval()
     with ema.swapped():
-        policy.save_pretrained(final)  # atomic (temp dir + rename)
+        if lora.enabled:
+            policy.save_lora(final)  # the adapter only, as GRPO and RPO runs save theirs
+        else:
+            policy.save_pretrained(final)  # atomic (temp dir + rename)
+        if heldout is not None:
+            heldout.trained(out, logger, done)  # summary.json last: it marks the run finished
     logger.close()
     return final
 
