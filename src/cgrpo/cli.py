@@ -186,6 +186,17 @@ def _add_bench() -> None:
     app.command("bench")(bench_command)
 
 
+def _add_baselines() -> None:
+    from cgrpo.reproduce.cli import reproduce_command
+    from cgrpo.train.rpo import rpo_command
+
+    app.command("rpo")(rpo_command)
+    app.command("reproduce")(reproduce_command)
+
+
+_add_baselines()
+
+
 _add_bench()
 
 

@@ -199,6 +199,8 @@ class GRPOTrainer:
         timings: dict[str, float] = {}
         self._iteration_start = self._resumable_state()  # what a checkpoint of this step must hold
 
+        self.policy.eval()  # rollouts and conditioning run in eval mode (no dropout in text encoders)
+
         # 1. A batch of (reference, prompt) pairs; each pair is repeated G times (one group). This process
         #    handles `rows` of the N = B * G samples (all of them with one process).
         examples = [self.train_set[i] for i in self.sampler.next()]
@@ -219,7 +221,6 @@ class GRPOTrainer:
 
         # 2. SDE rollouts under the current policy (= pi_old for this iteration), transitions stored.
         tic = time.perf_counter()
-        self.policy.eval()
         trajectory = rollout(
             self.policy,
             cond,

@@ -59,11 +59,11 @@ def evaluate_heldout(
     subjects = [e.subject_class for e in examples for _ in range(images_per_prompt)]
     references = torch.stack([e.reference for e in examples]).repeat_interleave(images_per_prompt, dim=0)
     kinds = [e.kind for e in examples for _ in range(images_per_prompt)]
+    was_training = policy.training
+    policy.eval()  # before conditioning: a text encoder with dropout must not encode in train mode
     cond = policy.condition([e.prompt for e in examples], torch.stack([e.reference for e in examples]))
     cond = cond.repeat_interleave(images_per_prompt)
     generator = torch.Generator().manual_seed(seed)
-    was_training = policy.training
-    policy.eval()
     images = sample_images(policy, cond, sigmas, generator, micro_batch=micro_batch)
     policy.train(was_training)
     identity = torch.as_tensor(identity_reward(images, references, prompts, subjects)).float().cpu()

@@ -416,6 +416,7 @@ def run_rpo(config: RPOConfig, console: Any | None = None) -> dict[str, Any]:
     def evaluate(step: int) -> dict[str, float]:
         if not heldout:
             return {}
+        policy.eval()  # before evaluate_heldout conditions: no text-encoder dropout in evaluations
         result = evaluate_heldout(
             policy,
             heldout,
@@ -471,7 +472,9 @@ def run_rpo(config: RPOConfig, console: Any | None = None) -> dict[str, Any]:
         generator = torch.Generator().manual_seed(config.seed + 1)
         for step in range(1, t.steps + 1):
             tic = time.perf_counter()
-            policy.train()
+            # Only the transformer trains: frozen text encoders with dropout (T5) must not drop out here.
+            policy.eval()
+            policy.transformer.train()
             pick = torch.randint(len(data.examples), (t.batch_size,), generator=generator)
             metrics = _train_step(policy, train_set, data, pick, config, optimizer, params, generator)
             metrics["lr"] = optimizer.param_groups[0]["lr"]

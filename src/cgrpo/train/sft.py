@@ -411,6 +411,20 @@ def _save_checkpoint(
         torch.save(state, tmp / "state.pt")
 
 
+def _train_mode(policy: ReferenceFluxPolicy, lora: bool):
+    """What ``policy.train()`` means here. With LoRA only the transformer trains: frozen text encoders (and
+    the VAE) stay in eval mode, so a T5 with dropout does not condition on randomly dropped embeddings."""
+
+    def train_mode() -> None:
+        if lora:
+            policy.eval()
+            policy.transformer.train()
+        else:
+            policy.train()
+
+    return train_mode
+
+
 class _Heldout:
     """Held-out rewards of the base and the trained policy, with the GRPO runs' sampler and seed."""
 
@@ -437,6 +451,10 @@ class _Heldout:
         from cgrpo.train.heldout import evaluate_heldout
 
         h = self.config
+        # evaluate_heldout conditions before it switches to eval mode: frozen text encoders with dropout
+        # (T5) would otherwise draw random embeddings from the global RNG.
+        training = self.policy.transformer.training
+        self.policy.eval()
         result = evaluate_heldout(
             self.policy,
             self.examples,
@@ -447,6 +465,7 @@ class _Heldout:
             h.images_per_prompt,
             micro_batch=h.micro_batch,
         )
+        self.policy.transformer.train(training)
         return result.summary()
 
     def base(self, out: Path, logger: _Logger, fresh: bool) -> None:
@@ -531,7 +550,8 @@ def run_sft(
         policy.requires_grad_(True)
         modules = [policy.transformer, policy.text_encoder]
         loss_fn = flow_matching_loss
-    policy.train()
+    train_mode = _train_mode(policy, lora.enabled)
+    train_mode()
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
     heldout = _Heldout(config, policy, heldout_data) if config.heldout.enabled else None
 
@@ -568,7 +588,7 @@ def run_sft(
             metrics, columns = evaluate(
                 policy, eval_data, config.flow, config.seed + 1, config.sample_steps, loss_fn=loss_fn
             )
-        policy.train()
+        train_mode()
         save_png(grid(columns), out / "samples" / f"step_{step:06d}.png")
         logger.log(step, metrics)
         tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))

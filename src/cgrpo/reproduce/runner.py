@@ -1,0 +1,188 @@
+"""Runs a plan: every unfinished run once, in parallel one-thread subprocesses (or in this process).
+
+A run is finished when its ``summary.json`` exists (every trainer writes it last). An interrupted GRPO run
+resumes from its newest checkpoint (``GRPOTrainer(..., resume=True)``), an SFT run from its ``checkpoint/``,
+an RPO run reuses its cached preference pairs (``pairs.pt``) and retrains. Each run's resolved config goes to
+``OUT/configs/<run_id>.yaml``, its console output to ``OUT/logs/<run_id>.log``.
+
+``python -m cgrpo.reproduce.runner SPEC.json`` runs one spec (``{"kind": ..., "config": {...}}``); that is
+what the parallel workers execute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cgrpo.config import from_dict, save_config
+from cgrpo.io import atomic_write_json
+from cgrpo.reproduce.plan import Plan, PlannedRun, config_class
+
+COMMANDS = {"grpo": "cgrpo train", "sft": "cgrpo sft", "rpo": "cgrpo rpo"}
+
+
+def run_spec(kind: str, config: dict[str, Any]) -> dict[str, Any] | None:
+    """Run (or resume) one training in this process; returns its summary."""
+    if kind not in COMMANDS:
+        raise ValueError(f"unknown run kind {kind!r}; expected grpo, sft or rpo")
+    cfg = from_dict(config_class(kind), config)  # type: ignore[arg-type]
+    if kind == "grpo":
+        from cgrpo.train import grpo  # looked up at call time: tests count trainer constructions
+        from cgrpo.train.checkpoint import latest_checkpoint
+
+        resume = latest_checkpoint(Path(cfg.output_dir) / "checkpoints") is not None
+        trainer = grpo.GRPOTrainer(cfg, resume=resume)
+        try:
+            return trainer.train()
+        finally:
+            trainer.dist.close()
+    if kind == "sft":
+        from cgrpo.train.sft import run_sft
+
+        run_sft(cfg)
+        summary = Path(cfg.output_dir) / "summary.json"
+        return json.loads(summary.read_text()) if summary.is_file() else None
+    from cgrpo.train.rpo import run_rpo
+
+    return run_rpo(cfg)
+
+
+def write_run_files(plan: Plan) -> Path:
+    """``OUT/plan.json``, ``OUT/configs/<run_id>.yaml`` and ``OUT/commands.sh`` (the equivalent commands)."""
+    out = plan.out
+    (out / "configs").mkdir(parents=True, exist_ok=True)
+    lines = [
+        "#!/usr/bin/env bash",
+        "# The plan's runs as single commands (cgrpo reproduce runs them itself).",
+        "set -e",
+    ]
+    for run in plan.runs:
+        path = out / "configs" / f"{run.run_id}.yaml"
+        save_config(from_dict(config_class(run.kind), run.config), path)
+        lines.append(f"{COMMANDS[run.kind]} {path}")
+    (out / "commands.sh").write_text("\n".join(lines) + "\n")
+    atomic_write_json(out / "plan.json", plan.to_json())
+    return out / "plan.json"
+
+
+@dataclass
+class Outcome:
+    finished: list[str] = field(default_factory=list)  # trained now
+    skipped: list[str] = field(default_factory=list)  # finished before
+    failed: dict[str, str] = field(default_factory=dict)  # run_id -> reason
+
+
+def execute(
+    plan: Plan,
+    jobs: int = 2,
+    threads: int = 1,
+    on_event: Callable[[str, PlannedRun, str], None] | None = None,
+) -> Outcome:
+    """Run every unfinished run of ``plan``; ``jobs`` > 1 runs them in parallel subprocesses with
+    ``threads`` torch threads each, ``jobs == 1`` runs them one after another in this process.
+
+    ``on_event(event, run, detail)`` is told ``start``, ``done``, ``skip`` and ``fail``. A failed run does
+    not stop the others; it is reported in the outcome (and its log)."""
+    notify = on_event or (lambda *_: None)
+    outcome = Outcome()
+    (plan.out / "logs").mkdir(parents=True, exist_ok=True)
+    (plan.out / "specs").mkdir(parents=True, exist_ok=True)
+    pending = []
+    for run in plan.runs:
+        if run.finished:
+            outcome.skipped.append(run.run_id)
+            notify("skip", run, "")
+        else:
+            pending.append(run)
+    if jobs <= 1:
+        for run in pending:
+            _run_here(run, plan.out, outcome, notify)
+    else:
+        _run_parallel(pending, plan.out, jobs, threads, outcome, notify)
+    return outcome
+
+
+def _run_here(run: PlannedRun, out: Path, outcome: Outcome, notify) -> None:
+    notify("start", run, "")
+    tic = time.perf_counter()
+    try:
+        run_spec(run.kind, run.config)
+    except Exception as error:  # one failing run must not lose the others
+        (out / "logs" / f"{run.run_id}.log").write_text(traceback.format_exc())
+        outcome.failed[run.run_id] = f"{type(error).__name__}: {error}"
+        notify("fail", run, outcome.failed[run.run_id])
+        return
+    outcome.finished.append(run.run_id)
+    notify("done", run, f"{time.perf_counter() - tic:.0f} s")
+
+
+def _run_parallel(
+    pending: Sequence[PlannedRun], out: Path, jobs: int, threads: int, outcome: Outcome, notify
+) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env["CGRPO_TORCH_THREADS"] = str(threads)
+    queue = list(pending)
+    active: dict[subprocess.Popen, tuple[PlannedRun, float, Any]] = {}
+    try:
+        while queue or active:
+            while queue and len(active) < jobs:
+                run = queue.pop(0)
+                spec = out / "specs" / f"{run.run_id}.json"
+                atomic_write_json(spec, {"kind": run.kind, "config": run.config})
+                log = open(out / "logs" / f"{run.run_id}.log", "a")  # noqa: SIM115 - closed when it ends
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "cgrpo.reproduce.runner", str(spec)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                )
+                active[process] = (run, time.perf_counter(), log)
+                notify("start", run, f"pid {process.pid}")
+            time.sleep(0.5)
+            for process in [p for p in active if p.poll() is not None]:
+                run, started, log = active.pop(process)
+                log.close()
+                if process.returncode == 0 and run.finished:
+                    outcome.finished.append(run.run_id)
+                    notify("done", run, f"{time.perf_counter() - started:.0f} s")
+                else:
+                    reason = f"exit code {process.returncode}; see {out / 'logs' / f'{run.run_id}.log'}"
+                    outcome.failed[run.run_id] = reason
+                    notify("fail", run, reason)
+    finally:  # interrupted (Ctrl-C): stop our own workers; their checkpoints let the next call resume
+        for process in active:
+            process.terminate()
+        for process, (_, _, log) in active.items():
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            log.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m cgrpo.reproduce.runner SPEC.json``: one run, in this process."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1:
+        print("usage: python -m cgrpo.reproduce.runner SPEC.json", file=sys.stderr)
+        return 2
+    threads = int(os.environ.get("CGRPO_TORCH_THREADS", "0"))
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+    spec = json.loads(Path(args[0]).read_text())
+    run_spec(spec["kind"], spec["config"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
