@@ -6,6 +6,7 @@ Uses Debian's chromium (never a downloaded browser); skipped with a reason when 
 import os
 import shutil
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -66,9 +67,15 @@ def test_annotator_votes_with_the_keyboard_in_chromium(tmp_path: Path):
                 pair_id = page.locator("#vote-form").get_attribute("data-pair-id")
                 shown.append(pair_id)
                 # all three images really loaded (served through the token-checked image route)
-                page.wait_for_function(
+                # Polled from Python: wait_for_function re-evaluates its predicate with eval() inside the
+                # page, which the app's Content-Security-Policy (rightly) forbids; page.evaluate goes
+                # through the DevTools protocol instead.
+                deadline = time.monotonic() + 15
+                while not page.evaluate(
                     "Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)"
-                )
+                ):
+                    assert time.monotonic() < deadline, "the pair's images did not load"
+                    page.wait_for_timeout(50)
                 assert page.locator("#submit").is_disabled()
                 for key in (identity, prompt, overall):
                     page.keyboard.press(key)
