@@ -12,16 +12,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from cgrpo.data.dreambench import parse_prompts_and_classes, render
 from cgrpo.eval import metrics as metric_module
 from cgrpo.eval import runner
 from cgrpo.eval.cli import eval_app
-from cgrpo.eval.dreambench import (
-    ENV_VAR,
-    dreambench_cases,
-    find_root,
-    format_prompt,
-    parse_prompts_and_classes,
-)
+from cgrpo.eval.dreambench import ENV_VAR, dreambench_cases, find_root
 
 ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambench"
 pytestmark = pytest.mark.skipif(not (ROOT / "prompts_and_classes.txt").is_file(), reason="no DreamBench copy")
@@ -81,8 +76,8 @@ def test_prompt_file_parses_to_30_subjects_and_25_prompts_each():
     assert len(cases) == 750
     live = {c.subject for c in cases if c.category == "live"}
     assert live == {"cat", "cat2", "dog", "dog2", "dog3", "dog5", "dog6", "dog7", "dog8"}
-    assert format_prompt(spec.object_prompts[0], "backpack") == "a backpack in the jungle"
-    assert format_prompt(spec.live_prompts[10], "dog", "sks") == "a sks dog wearing a red hat"
+    assert render(spec.object_prompts[0], "backpack") == "a backpack in the jungle"
+    assert render(spec.live_prompts[10], "dog", "sks") == "a sks dog wearing a red hat"
     kinds = {(c.category, c.kind) for c in cases}
     assert ("live", "accessory") in kinds and ("object", "property") in kinds
 

@@ -1,15 +1,14 @@
 """DreamBench (Ruiz et al., 2023) as an evaluation task: 30 subjects x 25 prompts, object and live subjects.
 
 The folder is the DreamBooth release's ``dataset/``: one folder of photos per subject and
-``prompts_and_classes.txt`` (a ``subject_name,class`` list, then the 25 object prompts and the 25 live-subject
-prompts as Python ``'...'.format(unique_token, class_token)`` lines). A user's full-size copy works as is;
-``shared/data/dreambench`` in this project holds 512x512 copies.
+``prompts_and_classes.txt``. A user's full-size copy works as is; ``shared/data/dreambench`` in this project
+holds 512x512 copies. Parsing, prompts, the object/live category and the prompt kind (``context``,
+``accessory``, ``property``) come from :mod:`cgrpo.data.dreambench`, the one reader of that folder.
 
 Prompts are formatted without a unique token by default (``"a dog in the jungle"``), as finetuning-free
 methods such as UNO are evaluated; ``unique_token="sks"`` gives DreamBooth's ``"a sks dog ..."``.
-Live subjects are the animals (classes ``cat`` and ``dog``), every other subject is an object. Prompt kinds
-follow the prompt lists' order: 0-9 recontextualisation (``context``), 10-19 ``context`` for objects and
-``accessory`` for live subjects, 20-24 ``property`` (colour, material, shape).
+``prompts_per_subject=N`` keeps the *first* N prompts of each subject's list (the dataset reader spreads them
+instead), so a short evaluation is a prefix of the full one.
 
 The conditioning reference of a subject is its first photo in sorted file order (``reference_index``);
 identity metrics can instead be averaged over all its photos (DreamBooth's protocol).
@@ -18,30 +17,17 @@ identity metrics can instead be averaged over all its photos (DreamBooth's proto
 from __future__ import annotations
 
 import os
-import re
-from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 import torch
 
 from cgrpo.config import ConfigError
+from cgrpo.data.dreambench import PROMPTS_FILE, DreamBenchItem, dreambench_examples, parse_prompts_and_classes
+from cgrpo.data.formats import DatasetError
 from cgrpo.eval.runner import Case, EvalTask, load_image
 
 ENV_VAR = "CGRPO_DREAMBENCH"
-PROMPTS_FILE = "prompts_and_classes.txt"
-LIVE_CLASSES = frozenset({"cat", "dog"})
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-_TEMPLATE = re.compile(r"""^\s*(['"])(.*?)\1\s*\.format\(""")
-
-
-@dataclass(frozen=True)
-class DreamBenchSpec:
-    """Parsed ``prompts_and_classes.txt``: subject -> class, and the two lists of prompt templates."""
-
-    classes: dict[str, str]
-    object_prompts: tuple[str, ...]
-    live_prompts: tuple[str, ...]
 
 
 def find_root(root: str | Path | None = None) -> Path:
@@ -67,59 +53,30 @@ def find_root(root: str | Path | None = None) -> Path:
     )
 
 
-def parse_prompts_and_classes(path: str | Path) -> DreamBenchSpec:
-    """Read DreamBench's ``prompts_and_classes.txt``."""
-    path = Path(path)
-    classes: dict[str, str] = {}
-    lists: dict[str, list[str]] = {"object": [], "live": []}
-    section = None
-    for raw in path.read_text(encoding="utf-8").splitlines():
-        line = raw.strip()
-        lowered = line.lower()
-        if lowered == "classes":
-            section = "classes"
-        elif lowered.startswith("object prompts"):
-            section = "object"
-        elif lowered.startswith("live subject prompts"):
-            section = "live"
-        elif section == "classes" and "," in line and not lowered.startswith("subject_name"):
-            subject, cls = (part.strip() for part in line.split(",", 1))
-            classes[subject] = cls
-        elif section in lists and (match := _TEMPLATE.match(line)):
-            lists[section].append(match.group(2))
-    if not classes or not lists["object"] or not lists["live"]:
-        raise ConfigError(
-            f"{path}: expected a 'subject_name,class' list and 'Object Prompts' / 'Live Subject Prompts' "
-            "lists"
-        )
-    return DreamBenchSpec(classes, tuple(lists["object"]), tuple(lists["live"]))
+def _items(
+    root: Path, subjects: list[str] | None, prompts_per_subject: int | None, unique_token: str
+) -> list[DreamBenchItem]:
+    """The dataset reader's items of ``subjects`` (all when None or empty), the first N prompts each."""
+    try:
+        classes = parse_prompts_and_classes(root / PROMPTS_FILE).classes
+        if subjects:
+            unknown = [s for s in subjects if s not in classes]
+            if unknown:
+                raise ConfigError(
+                    f"unknown DreamBench subject(s) {', '.join(unknown)}; known: {', '.join(classes)}"
+                )
+        if prompts_per_subject is not None and prompts_per_subject < 1:
+            raise ConfigError(f"--prompts-per-subject must be at least 1, got {prompts_per_subject}")
+        items = dreambench_examples(root, subjects or None, unique_token=unique_token)
+    except DatasetError as error:
+        raise ConfigError(str(error)) from error
+    if prompts_per_subject is None:
+        return items
+    return [item for item in items if item.prompt_index < prompts_per_subject]
 
 
-def format_prompt(template: str, subject_class: str, unique_token: str = "") -> str:
-    """``'a {0} {1} in the snow'`` -> ``"a dog in the snow"`` (or ``"a sks dog ..."`` with a token)."""
-    return " ".join(template.format(unique_token, subject_class).split())
-
-
-def category(subject_class: str) -> str:
-    return "live" if subject_class in LIVE_CLASSES else "object"
-
-
-def prompt_kind(index: int, live: bool) -> str:
-    if index >= 20:
-        return "property"
-    if index >= 10 and live:
-        return "accessory"
-    return "context"
-
-
-def subject_images(root: Path, subject: str) -> list[Path]:
-    folder = root / subject
-    files = (
-        sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
-    )
-    if not files:
-        raise ConfigError(f"{folder}: no images of subject {subject!r} (expected .jpg/.png files)")
-    return files
+def _case(item: DreamBenchItem) -> Case:
+    return Case(item.subject, item.subject_class, item.category, item.prompt_type, item.prompt)
 
 
 def dreambench_cases(
@@ -129,24 +86,7 @@ def dreambench_cases(
     unique_token: str = "",
 ) -> list[Case]:
     """Every (subject, prompt) of DreamBench, or of the named ``subjects`` with the first N prompts each."""
-    spec = parse_prompts_and_classes(root / PROMPTS_FILE)
-    if subjects:
-        unknown = [s for s in subjects if s not in spec.classes]
-        if unknown:
-            raise ConfigError(
-                f"unknown DreamBench subject(s) {', '.join(unknown)}; known: {', '.join(spec.classes)}"
-            )
-    if prompts_per_subject is not None and prompts_per_subject < 1:
-        raise ConfigError(f"--prompts-per-subject must be at least 1, got {prompts_per_subject}")
-    cases = []
-    for subject in subjects or list(spec.classes):
-        cls = spec.classes[subject]
-        live = category(cls) == "live"
-        templates = spec.live_prompts if live else spec.object_prompts
-        for index, template in enumerate(templates[:prompts_per_subject]):
-            prompt = format_prompt(template, cls, unique_token)
-            cases.append(Case(subject, cls, category(cls), prompt_kind(index, live), prompt))
-    return cases
+    return [_case(item) for item in _items(root, subjects, prompts_per_subject, unique_token)]
 
 
 def dreambench_task(
@@ -157,11 +97,11 @@ def dreambench_task(
     reference_index: int = 0,
 ) -> EvalTask:
     """DreamBench as an :class:`EvalTask` (references loaded lazily and cached)."""
-    root = find_root(root).resolve()
-    cases = dreambench_cases(root, subjects, prompts_per_subject, unique_token)
+    items = _items(find_root(root).resolve(), subjects, prompts_per_subject, unique_token)
+    photos = {item.subject: item.references for item in items}  # sorted by name
 
     def reference_file(subject: str) -> Path:
-        files = subject_images(root, subject)
+        files = photos[subject]
         if not 0 <= reference_index < len(files):
             raise ConfigError(
                 f"--reference-index {reference_index}: subject {subject!r} has {len(files)} images"
@@ -173,14 +113,13 @@ def dreambench_task(
         return load_image(reference_file(subject))
 
     def all_references(subject: str) -> list[torch.Tensor]:
-        files = subject_images(root, subject)
         first = reference_file(subject)
         # The conditioning reference first, then the others in file order.
-        return [reference(subject)] + [load_image(f) for f in files if f != first]
+        return [reference(subject)] + [load_image(f) for f in photos[subject] if f != first]
 
     return EvalTask(
         name="dreambench",
-        cases=cases,
+        cases=[_case(item) for item in items],
         reference=lambda subject: reference(subject).clone(),
         reference_path=lambda subject: str(reference_file(subject)),
         identity_references=all_references,

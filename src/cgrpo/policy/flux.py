@@ -14,13 +14,8 @@ text side is :class:`FluxTextEncoder` (CLIP pooled + T5 sequence, or CLIP only i
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
-import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +23,8 @@ import torch
 from diffusers import FluxTransformer2DModel
 from torch import nn
 
-from cgrpo.io import atomic_write_json
+# atomic_directory is also imported from here by policy/flux2_klein.py, export.py and train/sft.py.
+from cgrpo.io import atomic_directory, atomic_write_json
 from cgrpo.policy.base import Conditioning, Policy
 
 POLICY_FILE = "policy.json"
@@ -249,30 +245,6 @@ class FluxTextEncoder(nn.Module):
             t5 = T5EncoderModel.from_pretrained(directory / "text_encoder_2", dtype=torch_dtype)
             t5_tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer_2")
         return cls(clip, clip_tokenizer, t5, t5_tokenizer, max_length=max_length)
-
-
-# --- files -------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_directory(directory: str | Path) -> Iterator[Path]:
-    """Yield a temp directory beside ``directory``; on success it replaces ``directory`` (rename), on error it
-    is removed and ``directory`` is untouched. Readers never see a half-written checkpoint."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
-    try:
-        yield tmp
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # --- the policy --------------------------------------------------------------------------------------

@@ -8,11 +8,13 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from PIL import Image
+
+from cgrpo.rewards.base import ImageBatch, check_batch, to_pil
 
 _DTYPES = {
     "float32": torch.float32,
@@ -82,6 +84,75 @@ def to_model(inputs: Mapping[str, torch.Tensor], device: torch.device, dtype: to
 def pooled(output) -> torch.Tensor:
     """``get_*_features`` return a tensor in transformers 4 and a ModelOutput (``pooler_output``) in 5."""
     return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def unit_embeddings(
+    n: int, batch_size: int, dim: int, embed: Callable[[slice], torch.Tensor]
+) -> torch.Tensor:
+    """``[n, dim]`` unit-norm float32 embeddings on the CPU; ``embed(chunk)`` computes the rows of ``chunk``
+    (a slice of ``range(n)``, ``batch_size`` long at most). ``n == 0`` gives ``[0, dim]``."""
+    out = [torch.zeros(0, dim)]
+    for chunk in batches(n, batch_size):
+        out.append(embed(chunk).float().cpu())
+    return torch.nn.functional.normalize(torch.cat(out), dim=-1)
+
+
+class LocalEmbedder:
+    """Base of the embedders of one transformers model loaded from a local directory (``clip``, ``dino``).
+
+    Checks ``path`` (errors name ``reward`` and ``what`` belongs there) and resolves ``device`` and ``dtype``;
+    the subclass then loads ``self.processor`` and ``self.model`` from ``self.directory``.
+    """
+
+    processor: Callable[..., Mapping[str, torch.Tensor]]
+
+    def __init__(
+        self,
+        path: str | os.PathLike | None,
+        reward: str,
+        what: str,
+        device: str | torch.device,
+        dtype: str | torch.dtype,
+        batch_size: int,
+    ) -> None:
+        self.directory = require_dir(path, reward, "path", what)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.batch_size = batch_size
+
+    def embed_images(
+        self, images: ImageBatch, dim: int, features: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        """Images -> ``[N, dim]`` unit-norm float32 embeddings on the CPU: the processor's ``pixel_values``,
+        moved to the model, go through ``features`` ``batch_size`` images at a time."""
+        pil = to_pil(images)
+
+        def embed(chunk: slice) -> torch.Tensor:
+            inputs = to_model(self.processor(images=pil[chunk], return_tensors="pt"), self.device, self.dtype)
+            return features(inputs["pixel_values"])
+
+        return unit_embeddings(len(pil), self.batch_size, dim, embed)
+
+
+class CosineReward:
+    """Base of the rewards that score the cosine of unit-norm embeddings, ``[N]`` in [-1, 1]: each generated
+    image's (``_images``) with its target's (``_targets``: its reference's or its prompt's)."""
+
+    def _images(self, images: ImageBatch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _targets(self, references: ImageBatch, prompts: Sequence[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(
+        self,
+        images: ImageBatch,
+        references: ImageBatch,
+        prompts: Sequence[str],
+        subjects: Sequence[str] | None = None,
+    ) -> torch.Tensor:
+        check_batch(images, references, prompts)
+        return (self._images(images) * self._targets(references, prompts)).sum(-1)
 
 
 def image_hash(image: Image.Image, extra: str = "") -> str:

@@ -19,11 +19,11 @@ from collections.abc import Sequence
 
 import torch
 
-from cgrpo.rewards._hf import batches, pooled, require_dir, resolve_device, resolve_dtype, to_model
-from cgrpo.rewards.base import ImageBatch, check_batch, register, to_pil
+from cgrpo.rewards._hf import CosineReward, LocalEmbedder, pooled, to_model, unit_embeddings
+from cgrpo.rewards.base import ImageBatch, register
 
 
-class CLIPEmbedder:
+class CLIPEmbedder(LocalEmbedder):
     """A ``CLIPModel`` + ``CLIPProcessor`` loaded from a local directory; returns unit-norm embeddings.
 
     Build one and hand it to both rewards (``CLIPImageReward(embedder=e)``, ``CLIPTextReward(embedder=e)``) to
@@ -39,31 +39,25 @@ class CLIPEmbedder:
     ) -> None:
         from transformers import AutoProcessor, CLIPModel
 
-        directory = require_dir(path, "clip", "path", "a CLIP model (e.g. openai/clip-vit-base-patch32)")
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        self.batch_size = batch_size
-        self.processor = AutoProcessor.from_pretrained(directory)
-        self.model = CLIPModel.from_pretrained(directory, dtype=self.dtype).to(self.device).eval()
+        what = "a CLIP model (e.g. openai/clip-vit-base-patch32)"
+        super().__init__(path, "clip", what, device, dtype, batch_size)
+        self.processor = AutoProcessor.from_pretrained(self.directory)
+        self.model = CLIPModel.from_pretrained(self.directory, dtype=self.dtype).to(self.device).eval()
         self.max_length = self.model.config.text_config.max_position_embeddings
 
     @torch.no_grad()
     def images(self, images: ImageBatch) -> torch.Tensor:
         """Images -> ``[N, D]`` unit-norm float32 embeddings on the CPU."""
-        pil = to_pil(images)
-        out = [torch.zeros(0, self.model.config.projection_dim)]
-        for chunk in batches(len(pil), self.batch_size):
-            inputs = to_model(self.processor(images=pil[chunk], return_tensors="pt"), self.device, self.dtype)
-            out.append(
-                pooled(self.model.get_image_features(pixel_values=inputs["pixel_values"])).float().cpu()
-            )
-        return torch.nn.functional.normalize(torch.cat(out), dim=-1)
+        return self.embed_images(images, self.model.config.projection_dim, self._image_features)
+
+    def _image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return pooled(self.model.get_image_features(pixel_values=pixel_values))
 
     @torch.no_grad()
     def texts(self, texts: Sequence[str]) -> torch.Tensor:
         """Texts -> ``[N, D]`` unit-norm float32 embeddings on the CPU (truncated to the model's length)."""
-        out = [torch.zeros(0, self.model.config.projection_dim)]
-        for chunk in batches(len(texts), self.batch_size):
+
+        def embed(chunk: slice) -> torch.Tensor:
             tokens = self.processor(
                 text=list(texts[chunk]),
                 return_tensors="pt",
@@ -75,18 +69,32 @@ class CLIPEmbedder:
             features = self.model.get_text_features(
                 input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
             )
-            out.append(pooled(features).float().cpu())
-        return torch.nn.functional.normalize(torch.cat(out), dim=-1)
+            return pooled(features)
+
+        return unit_embeddings(len(texts), self.batch_size, self.model.config.projection_dim, embed)
 
 
-def _embedder(path, embedder, device, dtype, batch_size) -> CLIPEmbedder:
-    if embedder is not None:
-        return embedder
-    return CLIPEmbedder(path, device=device, dtype=dtype, batch_size=batch_size)
+class _CLIPReward(CosineReward):
+    """The options of ``clip_i`` and ``clip_t``; both embed the generated images with CLIP's image tower."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike | None = None,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "float32",
+        batch_size: int = 32,
+        embedder: CLIPEmbedder | None = None,
+    ) -> None:
+        if embedder is None:
+            embedder = CLIPEmbedder(path, device=device, dtype=dtype, batch_size=batch_size)
+        self.embedder = embedder
+
+    def _images(self, images: ImageBatch) -> torch.Tensor:
+        return self.embedder.images(images)
 
 
 @register("clip_i")
-class CLIPImageReward:
+class CLIPImageReward(_CLIPReward):
     """CLIP-I: cosine between CLIP image embeddings of each generated image and its reference, in [-1, 1].
 
     Options: ``path`` (local CLIP directory), ``device``, ``dtype`` (default float32), ``batch_size``, or
@@ -95,29 +103,12 @@ class CLIPImageReward:
 
     name = "clip_i"
 
-    def __init__(
-        self,
-        path: str | os.PathLike | None = None,
-        device: str | torch.device = "cpu",
-        dtype: str | torch.dtype = "float32",
-        batch_size: int = 32,
-        embedder: CLIPEmbedder | None = None,
-    ) -> None:
-        self.embedder = _embedder(path, embedder, device, dtype, batch_size)
-
-    def __call__(
-        self,
-        images: ImageBatch,
-        references: ImageBatch,
-        prompts: Sequence[str],
-        subjects: Sequence[str] | None = None,
-    ) -> torch.Tensor:
-        check_batch(images, references, prompts)
-        return (self.embedder.images(images) * self.embedder.images(references)).sum(-1)
+    def _targets(self, references: ImageBatch, prompts: Sequence[str]) -> torch.Tensor:
+        return self.embedder.images(references)
 
 
 @register("clip_t")
-class CLIPTextReward:
+class CLIPTextReward(_CLIPReward):
     """CLIP-T: cosine between the CLIP embeddings of each generated image and its prompt, in [-1, 1].
 
     Options as for ``clip_i``. References and subjects are ignored.
@@ -125,22 +116,5 @@ class CLIPTextReward:
 
     name = "clip_t"
 
-    def __init__(
-        self,
-        path: str | os.PathLike | None = None,
-        device: str | torch.device = "cpu",
-        dtype: str | torch.dtype = "float32",
-        batch_size: int = 32,
-        embedder: CLIPEmbedder | None = None,
-    ) -> None:
-        self.embedder = _embedder(path, embedder, device, dtype, batch_size)
-
-    def __call__(
-        self,
-        images: ImageBatch,
-        references: ImageBatch,
-        prompts: Sequence[str],
-        subjects: Sequence[str] | None = None,
-    ) -> torch.Tensor:
-        check_batch(images, references, prompts)
-        return (self.embedder.images(images) * self.embedder.texts(prompts)).sum(-1)
+    def _targets(self, references: ImageBatch, prompts: Sequence[str]) -> torch.Tensor:
+        return self.embedder.texts(prompts)

@@ -12,11 +12,11 @@ from collections.abc import Sequence
 
 import torch
 
-from cgrpo.rewards._hf import batches, require_dir, resolve_device, resolve_dtype, to_model
-from cgrpo.rewards.base import ImageBatch, check_batch, register, to_pil
+from cgrpo.rewards._hf import CosineReward, LocalEmbedder
+from cgrpo.rewards.base import ImageBatch, register
 
 
-class DinoEmbedder:
+class DinoEmbedder(LocalEmbedder):
     """DINO ViT CLS embeddings, unit-norm, ``[N, D]`` float32 on the CPU."""
 
     def __init__(
@@ -28,27 +28,22 @@ class DinoEmbedder:
     ) -> None:
         from transformers import AutoImageProcessor, ViTModel
 
-        directory = require_dir(path, "dino", "path", "a DINO ViT (e.g. facebook/dino-vits16)")
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        self.batch_size = batch_size
-        self.processor = AutoImageProcessor.from_pretrained(directory)
+        super().__init__(path, "dino", "a DINO ViT (e.g. facebook/dino-vits16)", device, dtype, batch_size)
+        self.processor = AutoImageProcessor.from_pretrained(self.directory)
         # The DINO checkpoints have no pooler; the CLS token is read directly.
-        self.model = ViTModel.from_pretrained(directory, add_pooling_layer=False, dtype=self.dtype)
+        self.model = ViTModel.from_pretrained(self.directory, add_pooling_layer=False, dtype=self.dtype)
         self.model.to(self.device).eval()
 
     @torch.no_grad()
     def __call__(self, images: ImageBatch) -> torch.Tensor:
-        pil = to_pil(images)
-        out = [torch.zeros(0, self.model.config.hidden_size)]
-        for chunk in batches(len(pil), self.batch_size):
-            inputs = to_model(self.processor(images=pil[chunk], return_tensors="pt"), self.device, self.dtype)
-            out.append(self.model(pixel_values=inputs["pixel_values"]).last_hidden_state[:, 0].float().cpu())
-        return torch.nn.functional.normalize(torch.cat(out), dim=-1)
+        return self.embed_images(images, self.model.config.hidden_size, self._cls_token)
+
+    def _cls_token(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).last_hidden_state[:, 0]
 
 
 @register("dino")
-class DinoReward:
+class DinoReward(CosineReward):
     """DINO score: DINO ViT-S/16 CLS cosine between each generated image and its reference, in [-1, 1].
 
     Options: ``path`` (local ``facebook/dino-vits16``-style directory), ``device``, ``dtype`` (default
@@ -66,12 +61,8 @@ class DinoReward:
     ) -> None:
         self.embedder = DinoEmbedder(path, device=device, dtype=dtype, batch_size=batch_size)
 
-    def __call__(
-        self,
-        images: ImageBatch,
-        references: ImageBatch,
-        prompts: Sequence[str],
-        subjects: Sequence[str] | None = None,
-    ) -> torch.Tensor:
-        check_batch(images, references, prompts)
-        return (self.embedder(images) * self.embedder(references)).sum(-1)
+    def _images(self, images: ImageBatch) -> torch.Tensor:
+        return self.embedder(images)
+
+    def _targets(self, references: ImageBatch, prompts: Sequence[str]) -> torch.Tensor:
+        return self.embedder(references)

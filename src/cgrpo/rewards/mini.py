@@ -411,70 +411,66 @@ def _nan_where(scores: torch.Tensor, *finite: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, scores, torch.full_like(scores, float("nan")))
 
 
-class MiniIdentityReward:
+class _MiniReward:
+    """What the two mini-world rewards share: options, batch checks, resizing, and NaN for non-finite inputs.
+
+    Subclasses set ``name`` and ``default_weights`` and define ``_score`` on the prepared batches.
+    """
+
+    name: str
+    default_weights: Mapping[str, float]
+
+    def __init__(
+        self,
+        image_size: int | None = None,
+        weights: Mapping[str, float] | None = None,
+        canonical_size: int = CANONICAL_SIZE,
+        threshold: float = FOREGROUND_THRESHOLD,
+    ) -> None:
+        self.image_size = image_size
+        self.weights = _check_weights(weights, self.default_weights, self.name)
+        self.canonical_size = canonical_size
+        self.threshold = threshold
+
+    def _score(self, batch: torch.Tensor, refs: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """``[N, 3, S, S]`` images and references in [0, 1] -> ``[N]`` scores."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        images: ImageBatch,
+        references: ImageBatch,
+        prompts: Sequence[str],
+        subjects: Sequence[str] | None = None,
+    ) -> torch.Tensor:
+        if check_batch(images, references, prompts) == 0:
+            return torch.zeros(0)
+        batch, finite = _prepare(images, self.image_size)
+        refs, refs_finite = _prepare(references, self.image_size)
+        return _nan_where(self._score(batch, refs, list(prompts)).float(), finite, refs_finite)
+
+
+class MiniIdentityReward(_MiniReward):
     """``mini_id``: similarity of the segmented, canonicalised subject to the reference's, in [0, 1]."""
 
     name = "mini_id"
+    default_weights = ID_WEIGHTS
 
-    def __init__(
-        self,
-        image_size: int | None = None,
-        weights: Mapping[str, float] | None = None,
-        canonical_size: int = CANONICAL_SIZE,
-        threshold: float = FOREGROUND_THRESHOLD,
-    ) -> None:
-        self.image_size = image_size
-        self.weights = _check_weights(weights, ID_WEIGHTS, "mini_id")
-        self.canonical_size = canonical_size
-        self.threshold = threshold
-
-    @torch.no_grad()
-    def __call__(
-        self,
-        images: ImageBatch,
-        references: ImageBatch,
-        prompts: Sequence[str],
-        subjects: Sequence[str] | None = None,
-    ) -> torch.Tensor:
-        if check_batch(images, references, prompts) == 0:
-            return torch.zeros(0)
-        batch, finite = _prepare(images, self.image_size)
-        refs, refs_finite = _prepare(references, self.image_size)
+    def _score(self, batch: torch.Tensor, refs: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         scores = identity_scores(batch, refs, self.canonical_size, self.threshold)
-        return _nan_where(combine(scores, self.weights).float(), finite, refs_finite)
+        return combine(scores, self.weights)
 
 
-class MiniPromptReward:
+class MiniPromptReward(_MiniReward):
     """``mini_prompt``: how well the image satisfies every attribute of the prompt, times quality."""
 
     name = "mini_prompt"
+    default_weights = PROMPT_WEIGHTS
 
-    def __init__(
-        self,
-        image_size: int | None = None,
-        weights: Mapping[str, float] | None = None,
-        canonical_size: int = CANONICAL_SIZE,
-        threshold: float = FOREGROUND_THRESHOLD,
-    ) -> None:
-        self.image_size = image_size
-        self.weights = _check_weights(weights, PROMPT_WEIGHTS, "mini_prompt")
-        self.canonical_size = canonical_size
-        self.threshold = threshold
-
-    @torch.no_grad()
-    def __call__(
-        self,
-        images: ImageBatch,
-        references: ImageBatch,
-        prompts: Sequence[str],
-        subjects: Sequence[str] | None = None,
-    ) -> torch.Tensor:
-        if check_batch(images, references, prompts) == 0:
-            return torch.zeros(0)
-        batch, finite = _prepare(images, self.image_size)
-        refs, refs_finite = _prepare(references, self.image_size)
-        scores = prompt_scores(batch, refs, list(prompts), self.canonical_size, self.threshold)
-        return _nan_where(prompt_total(scores, self.weights).float(), finite, refs_finite)
+    def _score(self, batch: torch.Tensor, refs: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        scores = prompt_scores(batch, refs, prompts, self.canonical_size, self.threshold)
+        return prompt_total(scores, self.weights)
 
 
 def _check_weights(weights: Mapping[str, float] | None, defaults: Mapping[str, float], name: str) -> dict:
