@@ -13,3 +13,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_policy_dir(tmp_path_factory):
+    """A tiny random mini-world policy saved with ``save_pretrained`` (loaded back through ``mini(path)``)."""
+    from cgrpo.data.miniworld import vocabulary
+    from cgrpo.policy.mini import tiny_policy_for_tests
+
+    path = tmp_path_factory.mktemp("policy")
+    tiny_policy_for_tests(seed=0, vocabulary=vocabulary()).save_pretrained(path)
+    return path

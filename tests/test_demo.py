@@ -6,10 +6,10 @@ from typer.testing import CliRunner
 
 from cgrpo.cli import app
 from cgrpo.config import save_config
-from tests.test_grpo import tiny_config, tiny_policy_dir  # noqa: F401  (fixture)
+from tests.test_grpo import tiny_config
 
 
-def test_demo_report(tiny_policy_dir, tmp_path):  # noqa: F811
+def test_demo_report(tiny_policy_dir, tmp_path):
     config = tiny_config(tiny_policy_dir, tmp_path / "unused")
     save_config(config, tmp_path / "demo.yaml")
     out = tmp_path / "demo"

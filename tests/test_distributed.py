@@ -23,16 +23,6 @@ from cgrpo.train.logger import read_metrics
 from cgrpo.train.rollout import rollout
 
 
-@pytest.fixture(scope="module")
-def tiny_policy_dir(tmp_path_factory):
-    from cgrpo.data.miniworld import vocabulary
-    from cgrpo.policy.mini import tiny_policy_for_tests
-
-    path = tmp_path_factory.mktemp("policy")
-    tiny_policy_for_tests(seed=0, vocabulary=vocabulary()).save_pretrained(path)
-    return path
-
-
 def spanning_config(policy_dir, output_dir, *overrides) -> GRPOConfig:
     return load_config(
         GRPOConfig,

@@ -9,7 +9,7 @@ import torch
 from cgrpo import rewards
 from cgrpo.advantage import sars, tdw_weights
 from cgrpo.config import load_config
-from cgrpo.policy.mini import build_mini_policy, tiny_policy_for_tests
+from cgrpo.policy.mini import build_mini_policy
 from cgrpo.train import grpo as grpo_module
 from cgrpo.train.components import RewardFailure
 from cgrpo.train.config import GRPOConfig
@@ -17,16 +17,6 @@ from cgrpo.train.grpo import GRPOTrainer
 from cgrpo.train.logger import read_metrics
 
 REQUIRED_KEYS = {"step", "loss", "reward/id", "reward/prompt", "conflict_rate", "clip_fraction"}
-
-
-@pytest.fixture(scope="module")
-def tiny_policy_dir(tmp_path_factory):
-    from cgrpo.data.miniworld import vocabulary
-
-    path = tmp_path_factory.mktemp("policy")
-    policy = tiny_policy_for_tests(seed=0, vocabulary=vocabulary())
-    policy.save_pretrained(path)
-    return path
 
 
 def tiny_config(policy_dir, output_dir, *overrides):

@@ -21,16 +21,6 @@ from cgrpo.train.rpo import (
 )
 
 
-@pytest.fixture(scope="module")
-def tiny_policy_dir(tmp_path_factory):
-    from cgrpo.data.miniworld import vocabulary
-    from cgrpo.policy.mini import tiny_policy_for_tests
-
-    path = tmp_path_factory.mktemp("policy")
-    tiny_policy_for_tests(seed=0, vocabulary=vocabulary()).save_pretrained(path)
-    return path
-
-
 def tiny_rpo_config(policy_dir, output_dir, *overrides) -> RPOConfig:
     return load_config(
         RPOConfig,
