@@ -31,7 +31,7 @@ import torch
 from rich.console import Console
 from tqdm.auto import tqdm
 
-from cgrpo.advantage import conflict_rate, group_normalize, sars, tdw_weights
+from cgrpo.advantage import conflict_rate, group_normalize, group_stats, sars, tdw_weights
 from cgrpo.config import save_config, to_dict
 from cgrpo.eval.analyses import log_advantages, truncate_advantages
 from cgrpo.imaging import grid, save_png
@@ -285,7 +285,9 @@ class GRPOTrainer:
         timings["time/train"] = time.perf_counter() - tic
 
         # 8. What the run shows: rewards, the conflict rate (Fig. 7), optimisation diagnostics.
-        group_std = lambda r: float(torch.nan_to_num(r.view(-1, G)).std(dim=1, unbiased=False).mean())  # noqa: E731
+        def group_std(rewards: torch.Tensor) -> float:  # mean within-group spread: how much signal there is
+            return float(torch.nanmean(group_stats(rewards, G, valid=valid).std))
+
         return {
             "loss": loss_stats["loss"],
             "reward/id": _nanmean(r_id),
