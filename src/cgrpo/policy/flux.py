@@ -95,6 +95,15 @@ def unpack(tokens: torch.Tensor, height: int, width: int, patch: int) -> torch.T
 # --- image codecs ------------------------------------------------------------------------------------
 
 
+def reference_stack(references: torch.Tensor) -> torch.Tensor:
+    """``[B, 3, H, W]`` (one reference each) or ``[B, K, 3, H, W]`` -> ``[B, K, 3, H, W]``, else an error."""
+    if references.ndim == 4:
+        references = references[:, None]
+    if references.ndim != 5 or references.shape[2] != 3:
+        raise ValueError(f"references must be [B, 3, H, W] or [B, K, 3, H, W], got {tuple(references.shape)}")
+    return references
+
+
 class PixelCodec(nn.Module):
     """No autoencoder: pixels in [-1, 1] packed into ``3*p*p``-channel tokens (the mini world's "latents")."""
 
@@ -323,12 +332,7 @@ class ReferenceFluxPolicy(Policy):
             return torch.zeros(0, 0, self.codec.channels, device=self.device), torch.zeros(
                 0, 3, device=self.device
             )
-        if references.ndim == 4:
-            references = references[:, None]
-        if references.ndim != 5 or references.shape[2] != 3:
-            raise ValueError(
-                f"references must be [B, 3, H, W] or [B, K, 3, H, W], got {tuple(references.shape)}"
-            )
+        references = reference_stack(references)
         h, w = references.shape[-2:]
         tokens = [self.codec.encode(references[:, k].to(self.device)) for k in range(references.shape[1])]
         ids = uno_reference_ids(self.grid, [self.codec.grid(h, w)] * references.shape[1])

@@ -36,6 +36,7 @@ from cgrpo.policy.flux import (
     VaeCodec,
     atomic_directory,
     pack,
+    reference_stack,
     unpack,
 )
 from cgrpo.policy.uno import parse_dtype
@@ -247,12 +248,7 @@ class Flux2KleinPolicy(OffloadedTextMixin, ReferenceFluxPolicy):
             return torch.zeros(0, 0, self.codec.channels, device=self.device), torch.zeros(
                 0, 4, device=self.device
             )
-        if references.ndim == 4:
-            references = references[:, None]
-        if references.ndim != 5 or references.shape[2] != 3:
-            raise ValueError(
-                f"references must be [B, 3, H, W] or [B, K, 3, H, W], got {tuple(references.shape)}"
-            )
+        references = reference_stack(references)
         if self.reference_size is not None:
             from cgrpo.policy.uno import resize_references
 
