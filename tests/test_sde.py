@@ -247,6 +247,50 @@ def test_sde_preserves_the_marginals_of_the_flow(formulation):
     assert abs(x.mean().item()) < 0.02
 
 
+def test_cps_closed_form_and_ode_limit():
+    x, v = _inputs()
+    eta, s, sn = 0.7, 0.6, 0.45
+    step = sde_step_with_logprob(v, s, sn, x, eta, formulation="cps", generator=torch.Generator().manual_seed(0))
+    x0_hat, noise_hat = x - s * v, x + (1 - s) * v
+    angle = math.pi * eta / 2
+    torch.testing.assert_close(step.mean, (1 - sn) * x0_hat + sn * math.cos(angle) * noise_hat)
+    torch.testing.assert_close(step.std, torch.full((3,), sn * math.sin(angle)))
+    # eta = 0 is exactly the Euler ODE step (DDIM), with no density
+    ode = sde_step_with_logprob(v, s, sn, x, 0.0, formulation="cps")
+    torch.testing.assert_close(ode.prev_sample, ode_step(v, s, sn, x))
+    # the log-prob is the Gaussian density of the drawn state
+    normal = torch.distributions.Normal(step.mean.double(), step.std.double()[:, None, None])
+    expected = normal.log_prob(step.prev_sample.double()).mean(dim=(1, 2))
+    torch.testing.assert_close(step.log_prob.double(), expected, atol=1e-5, rtol=1e-6)
+
+
+def test_cps_keeps_the_coefficients_of_the_next_noise_level():
+    # With the exact velocity of one data point x0 (v = noise - x0), a CPS step lands on
+    # (1 - sigma_next) x0 + sigma_next * fresh unit noise: mean (1 - sigma_next) x0, std sigma_next per element.
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.full((1, 50000), 0.3)
+    noise = torch.randn(1, 50000, generator=gen)
+    for s, sn in ((1.0, 0.8), (0.6, 0.3), (0.2, 0.05)):
+        x = (1 - s) * x0 + s * noise
+        step = sde_step_with_logprob(noise - x0, s, sn, x, 0.9, formulation="cps", generator=gen)
+        out = step.prev_sample
+        assert out.mean().item() == pytest.approx((1 - sn) * 0.3, abs=0.01)
+        assert out.std().item() == pytest.approx(sn, rel=0.02)
+    # Flow-GRPO's Euler-Maruyama step over a coarse interval does not: it leaves extra noise
+    s, sn = 0.6, 0.3
+    x = (1 - s) * x0 + s * noise
+    em = sde_step_with_logprob(noise - x0, s, sn, x, 0.9, generator=gen).prev_sample
+    assert em.std().item() > 1.1 * sn
+
+
+def test_cps_validation():
+    x, v = _inputs()
+    with pytest.raises(ValueError, match="eta"):
+        sde_step_with_logprob(v, 0.5, 0.4, x, 1.5, formulation="cps")
+    with pytest.raises(ValueError, match="sigma_next > 0"):
+        sde_step_with_logprob(v, 0.5, 0.0, x, 0.5, formulation="cps")
+
+
 def test_log_prob_gradient_reaches_the_velocity():
     x, v = _inputs()
     stored = sde_step_with_logprob(v, 0.7, 0.6, x, generator=torch.Generator().manual_seed(0)).prev_sample

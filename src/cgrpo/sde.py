@@ -13,6 +13,16 @@ The two formulations differ only in the diffusion coefficient ``g``:
 
 - ``flow_grpo`` (Flow-GRPO): ``g = noise_level * sqrt(sigma / (1 - sigma))``;
 - ``dance_grpo`` (DanceGRPO's ``eta``): ``g = noise_level``, constant.
+
+A third formulation, ``cps`` (coefficients-preserving sampling, Wang & Yu 2025, arXiv 2509.05952), is not an
+Euler-Maruyama step: it re-noises the predicted clean sample so that the next state is exactly
+``(1 - sigma_next) * x0_hat + sigma_next * noise`` with unit-variance noise,
+``mean = (1 - sigma_next) x0_hat + sigma_next cos(pi eta / 2) noise_hat``,
+``std = sigma_next sin(pi eta / 2)``. With few steps the Euler-Maruyama SDE injects more noise than the
+ODE removes and the rollout images stay noisy; CPS keeps every state at the noise level its sigma says.
+The price: its fresh noise does not shrink with the step size, so it does not keep the marginals of data with
+spread. On 1-D Gaussian data with the exact velocity, 10 steps and ``eta = 0.7`` end at 55% of the data's
+variance (``flow_grpo`` with ``a = 0.7``: 92%; 100 steps: 71% and 100%).
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ import torch
 
 Tensor = torch.Tensor
 
-FORMULATIONS = ("flow_grpo", "dance_grpo")
+FORMULATIONS = ("flow_grpo", "dance_grpo", "cps")
 STRATEGIES = ("all", "random", "window")
 
 
@@ -166,9 +176,11 @@ def sde_step_with_logprob(
             the denominator. Here the denominator uses ``sigma_next`` when ``sigma == 1``, which is
             ``sigmas[1]`` at the first step of any schedule starting at 1 (finite because
             ``sigma_next < 1``). ``"dance_grpo"`` — DanceGRPO's constant ``g = noise_level``.
+            ``"cps"`` — coefficients-preserving sampling (module docstring); ``noise_level`` is its
+            ``eta`` in ``[0, 1]`` and ``sigma_next`` must be > 0 (its std is ``sigma_next sin(pi eta / 2)``).
 
     Returns:
-        :class:`SDEStep`. ``mean = x + (v + g^2 / (2 sigma) * (x + (1 - sigma) v)) * dt`` with
+        :class:`SDEStep`. For the Euler-Maruyama formulations ``mean = x + (v + g^2 / (2 sigma) * (x + (1 - sigma) v)) * dt`` with
         ``dt = sigma_next - sigma``; for ``flow_grpo`` this is Flow-GRPO's
         ``x (1 + g^2 dt / (2 sigma)) + v (1 + g^2 (1 - sigma) / (2 sigma)) dt``. The log-prob is
         ``log N(prev_sample; mean, std^2)`` per element, averaged over all non-batch dims; the stored
@@ -206,16 +218,25 @@ def sde_step_with_logprob(
     x, v = sample.float(), velocity.float()
     dt = s_next - s  # < 0: sampling runs towards sigma = 0
 
-    if formulation == "flow_grpo":
-        # sigma == 1 only at the first step; sigma_next < 1 there keeps g finite (Flow-GRPO's sigmas[1]).
-        denominator = 1.0 - torch.where(s >= 1.0, s_next, s)
-        g = noise_level * torch.sqrt(s / denominator)
+    if formulation == "cps":
+        if noise_level > 1:
+            raise ValueError(f"noise_level (eta) of the cps formulation must lie in [0, 1], got {noise_level}")
+        if noise_level > 0 and bool((s_next <= 0).any()):
+            raise ValueError("a cps step with noise needs sigma_next > 0; keep the last step deterministic")
+        angle = 0.5 * math.pi * noise_level
+        x0_hat, noise_hat = x - s * v, x + (1.0 - s) * v
+        mean = (1.0 - s_next) * x0_hat + s_next * math.cos(angle) * noise_hat
+        std = s_next * math.sin(angle)  # [B, 1, ..., 1]
     else:
-        g = torch.full_like(s, noise_level)
-
-    # Drift of the reverse SDE: v - g^2/2 * score, with score = -(x + (1 - sigma) v) / sigma.
-    mean = x + (v + g.square() / (2.0 * s) * (x + (1.0 - s) * v)) * dt
-    std = g * torch.sqrt(-dt)  # [B, 1, ..., 1]
+        if formulation == "flow_grpo":
+            # sigma == 1 only at the first step; sigma_next < 1 there keeps g finite (Flow-GRPO's sigmas[1]).
+            denominator = 1.0 - torch.where(s >= 1.0, s_next, s)
+            g = noise_level * torch.sqrt(s / denominator)
+        else:
+            g = torch.full_like(s, noise_level)
+        # Drift of the reverse SDE: v - g^2/2 * score, with score = -(x + (1 - sigma) v) / sigma.
+        mean = x + (v + g.square() / (2.0 * s) * (x + (1.0 - s) * v)) * dt
+        std = g * torch.sqrt(-dt)  # [B, 1, ..., 1]
     std_b = std.reshape(b)
 
     if noise_level == 0:

@@ -67,11 +67,11 @@ class AdvantageConfig:
 @dataclass
 class SamplingConfig:
     num_steps: int = 10  # T, denoising steps of a rollout
-    noise_level: float = 0.7  # SDE noise (Flow-GRPO's `a`)
+    noise_level: float = 0.7  # SDE noise (Flow-GRPO's `a`, DanceGRPO's / CPS's `eta`)
     # Stochastic steps are the first `sde_steps` (None = all but the last); the rest run as an ODE so
     # the final image carries no injected noise (MixGRPO's idea, fixed window). Trained steps come from these.
     sde_steps: int | None = None
-    formulation: Literal["flow_grpo", "dance_grpo"] = "flow_grpo"
+    formulation: Literal["flow_grpo", "dance_grpo", "cps"] = "flow_grpo"
     shift: float | None = None  # static sigma shift; None = FLUX's resolution-dependent shift
     guidance: float | None = None  # for guidance-distilled backbones (FLUX.1-dev: 3.5 in UNO)
     micro_batch: int = 0  # rollout forward batch; 0 = the whole group batch at once
@@ -172,6 +172,8 @@ class GRPOConfig:
         _require(t.adv_clip > 0, "train.adv_clip", t.adv_clip, "> 0")
         _require(t.inner_epochs >= 1, "train.inner_epochs", t.inner_epochs, ">= 1")
         _require(s.noise_level > 0, "sampling.noise_level", s.noise_level, "> 0 (GRPO needs SDE rollouts)")
+        if s.formulation == "cps":
+            _require(s.noise_level <= 1, "sampling.noise_level", s.noise_level, "<= 1 (cps's eta)")
         a = self.advantage
         _require(a.alpha >= 0, "advantage.alpha", a.alpha, ">= 0")
         _require(
