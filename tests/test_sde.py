@@ -250,7 +250,8 @@ def test_sde_preserves_the_marginals_of_the_flow(formulation):
 def test_cps_closed_form_and_ode_limit():
     x, v = _inputs()
     eta, s, sn = 0.7, 0.6, 0.45
-    step = sde_step_with_logprob(v, s, sn, x, eta, formulation="cps", generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    step = sde_step_with_logprob(v, s, sn, x, eta, formulation="cps", generator=gen)
     x0_hat, noise_hat = x - s * v, x + (1 - s) * v
     angle = math.pi * eta / 2
     torch.testing.assert_close(step.mean, (1 - sn) * x0_hat + sn * math.cos(angle) * noise_hat)
@@ -266,7 +267,7 @@ def test_cps_closed_form_and_ode_limit():
 
 def test_cps_keeps_the_coefficients_of_the_next_noise_level():
     # With the exact velocity of one data point x0 (v = noise - x0), a CPS step lands on
-    # (1 - sigma_next) x0 + sigma_next * fresh unit noise: mean (1 - sigma_next) x0, std sigma_next per element.
+    # (1 - sigma_next) x0 + sigma_next * fresh unit noise: mean (1 - sigma_next) x0, std sigma_next.
     gen = torch.Generator().manual_seed(0)
     x0 = torch.full((1, 50000), 0.3)
     noise = torch.randn(1, 50000, generator=gen)

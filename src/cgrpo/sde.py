@@ -180,9 +180,9 @@ def sde_step_with_logprob(
             ``eta`` in ``[0, 1]`` and ``sigma_next`` must be > 0 (its std is ``sigma_next sin(pi eta / 2)``).
 
     Returns:
-        :class:`SDEStep`. For the Euler-Maruyama formulations ``mean = x + (v + g^2 / (2 sigma) * (x + (1 - sigma) v)) * dt`` with
-        ``dt = sigma_next - sigma``; for ``flow_grpo`` this is Flow-GRPO's
-        ``x (1 + g^2 dt / (2 sigma)) + v (1 + g^2 (1 - sigma) / (2 sigma)) dt``. The log-prob is
+        :class:`SDEStep`. For the Euler-Maruyama formulations
+        ``mean = x + (v + g^2 / (2 sigma) * (x + (1 - sigma) v)) * dt`` with ``dt = sigma_next - sigma``;
+        for ``flow_grpo`` this is Flow-GRPO's ``x (1 + g^2 dt / (2 sigma)) + v (1 + g^2 (1 - sigma) / (2 sigma)) dt``. The log-prob is
         ``log N(prev_sample; mean, std^2)`` per element, averaged over all non-batch dims; the stored
         ``prev_sample`` is treated as a constant, so gradients flow only through ``velocity``.
 
@@ -220,7 +220,7 @@ def sde_step_with_logprob(
 
     if formulation == "cps":
         if noise_level > 1:
-            raise ValueError(f"noise_level (eta) of the cps formulation must lie in [0, 1], got {noise_level}")
+            raise ValueError(f"noise_level (eta) of cps must lie in [0, 1], got {noise_level}")
         if noise_level > 0 and bool((s_next <= 0).any()):
             raise ValueError("a cps step with noise needs sigma_next > 0; keep the last step deterministic")
         angle = 0.5 * math.pi * noise_level
