@@ -182,7 +182,8 @@ def sde_step_with_logprob(
     Returns:
         :class:`SDEStep`. For the Euler-Maruyama formulations
         ``mean = x + (v + g^2 / (2 sigma) * (x + (1 - sigma) v)) * dt`` with ``dt = sigma_next - sigma``;
-        for ``flow_grpo`` this is Flow-GRPO's ``x (1 + g^2 dt / (2 sigma)) + v (1 + g^2 (1 - sigma) / (2 sigma)) dt``. The log-prob is
+        for ``flow_grpo`` this is Flow-GRPO's
+        ``x (1 + g^2 dt / (2 sigma)) + v (1 + g^2 (1 - sigma) / (2 sigma)) dt``. The log-prob is
         ``log N(prev_sample; mean, std^2)`` per element, averaged over all non-batch dims; the stored
         ``prev_sample`` is treated as a constant, so gradients flow only through ``velocity``.
 
