@@ -168,6 +168,44 @@ def test_claim_verdicts_respect_seed_noise():
     assert _verdict([None, False]) == "does not hold"
 
 
+def test_claims_are_read_from_the_runs_summaries(tmp_path):
+    from cgrpo.reproduce.report import claim_lines
+
+    plan = build_plan("mini", "2,3,5", seeds=2, out=tmp_path)
+    # (id, prompt) per run, the same for both seeds but for a small seed wobble
+    values = {
+        MAIN: (0.75, 0.78),
+        "naive_1to1": (0.78, 0.74),
+        "naive_1to1.5": (0.76, 0.77),
+        "synergy_max": (0.80, 0.70),
+        "alpha_0.8": (0.75, 0.7795),  # within the seeds' spread of the main run
+        "alpha_1.0": (0.76, 0.75),
+    }
+    for run in plan.runs:
+        identity, prompt = values.get(run.spec.slug, (0.74, 0.76))
+        wobble = 0.001 * run.seed
+        summary = {
+            "base": {"id": 0.73, "prompt": 0.76},
+            "trained": {"id": identity + wobble, "prompt": prompt},
+        }
+        (run.output_dir).mkdir(parents=True)
+        (run.output_dir / "summary.json").write_text(json.dumps(summary))
+    verdicts = {}
+    for line in claim_lines(plan)[6:]:
+        if line.startswith("|"):
+            claim, paper, ours = [cell.strip() for cell in line.strip("|").split("|")]
+            verdicts[claim] = (paper, ours)
+    assert verdicts["Customized-GRPO improves both rewards over the base"] == ("holds", "holds")
+    assert verdicts["Naive GRPO 1:1 degrades competitively: identity up, prompt down (vs base)"][1] == "holds"
+    assert verdicts["Naive GRPO 1:1.5 trades the other way: less identity, more prompt than 1:1"] == (
+        "holds",
+        "holds",
+    )
+    assert verdicts["Max synergy hacks identity: more identity, less prompt than tanh"] == ("holds", "holds")
+    assert verdicts["Alpha past 0.5 hurts prompt following (alpha 0.8 and 1.0 vs 0.5)"][1] == "unclear"
+    assert verdicts["Removing the synergy term (w/o SARS) lowers both rewards"][1] == "holds"
+
+
 def test_bad_arguments_name_the_option():
     with pytest.raises(ValueError, match="--tables"):
         build_plan("mini", "2,7")

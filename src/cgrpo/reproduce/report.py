@@ -129,6 +129,13 @@ CLAIMS: list[tuple[str, list[tuple[str, str, str, str, str, str]]]] = [
         ],
     ),
     (
+        "Naive GRPO 1:1.5 trades the other way: less identity, more prompt than 1:1",
+        [
+            ("naive_1to1.5", "trained", "id", "<", "naive_1to1", "trained"),
+            ("naive_1to1.5", "trained", "prompt", ">", "naive_1to1", "trained"),
+        ],
+    ),
+    (
         "Removing the synergy term (w/o SARS) lowers both rewards",
         [
             ("wo_sars", "trained", "id", "<", MAIN, "trained"),
@@ -144,6 +151,20 @@ CLAIMS: list[tuple[str, list[tuple[str, str, str, str, str, str]]]] = [
         [
             ("inverted_alpha_0.5", "trained", "id", "<", MAIN, "trained"),
             ("inverted_alpha_0.5", "trained", "prompt", "<", MAIN, "trained"),
+        ],
+    ),
+    (
+        "Max synergy hacks identity: more identity, less prompt than tanh",
+        [
+            ("synergy_max", "trained", "id", ">", MAIN, "trained"),
+            ("synergy_max", "trained", "prompt", "<", MAIN, "trained"),
+        ],
+    ),
+    (
+        "Alpha past 0.5 hurts prompt following (alpha 0.8 and 1.0 vs 0.5)",
+        [
+            ("alpha_0.8", "trained", "prompt", "<", MAIN, "trained"),
+            ("alpha_1.0", "trained", "prompt", "<", MAIN, "trained"),
         ],
     ),
     (
