@@ -205,6 +205,16 @@ def test_claims_are_read_from_the_runs_summaries(tmp_path):
     assert verdicts["Alpha past 0.5 hurts prompt following (alpha 0.8 and 1.0 vs 0.5)"][1] == "unclear"
     assert verdicts["Removing the synergy term (w/o SARS) lowers both rewards"][1] == "holds"
 
+    # one seed: no spread, so differences below the single-seed floor are unclear
+    one = build_plan("mini", "2,3,5", seeds=1, out=tmp_path)
+    lines = "\n".join(claim_lines(one))
+    assert (
+        "| Naive GRPO 1:1.5 trades the other way: less identity, more prompt than 1:1 | holds | holds |"
+        in lines
+    )
+    alpha = "| Alpha past 0.5 hurts prompt following (alpha 0.8 and 1.0 vs 0.5) | holds | unclear |"
+    assert alpha in lines
+
 
 def test_bad_arguments_name_the_option():
     with pytest.raises(ValueError, match="--tables"):

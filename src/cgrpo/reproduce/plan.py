@@ -226,15 +226,15 @@ class Profile:
 
 
 PROFILES: dict[tuple[str, str], Profile] = {
-    # 22 runs x 3 seeds in ~2.8 h on 2 cores (see estimate_seconds): 40 iterations of 4 x 8 samples.
+    # 22 runs x 3 seeds in ~2.7 h on 2 cores (see estimate_seconds): 32 iterations of 4 x 8 samples.
     ("mini", "full"): Profile(
-        "full", 3, 40, ("eval.every=20", "checkpoint.every=10", "log.tensorboard=false")
+        "full", 3, 32, ("eval.every=20", "checkpoint.every=10", "log.tensorboard=false")
     ),
-    # 22 runs x 1 seed in ~18 min: 24 iterations of 2 x 8 samples, 8 held-out subjects, no mid-run evals.
+    # 22 runs x 1 seed in ~18 min: 20 iterations of 2 x 8 samples, 8 held-out subjects, no mid-run evals.
     ("mini", "quick"): Profile(
         "quick",
         1,
-        24,
+        20,
         (
             "train.prompts_per_iteration=2",
             "data.options.eval.num_subjects=8",
@@ -492,10 +492,11 @@ def build_plan(
 
 # --- cost model (mini world, one thread on a quiet core) ---------------------------------------------
 
-# Measured on these machines with the ~2.3M-parameter mini transformer (DESIGN.md; runs/tune logs scaled to a
-# quiet core): a GRPO iteration of 4 x 8 samples, 10 steps, 5 trained steps takes ~7 s.
-SAMPLE_STEP_S = 0.0085  # no-grad forward of one image for one denoising step
-TRAIN_TERM_S = 0.027  # forward + backward of one (image, step) term
+# Measured on these machines with the ~2.3M-parameter mini transformer, two one-thread runs side by side (as
+# `--jobs 2` runs them): a GRPO iteration of 4 x 8 samples, 10 steps, 5 trained steps takes ~7.4 s; the quick
+# plan's GRPO runs took 115-123 s (estimate: 116 s).
+SAMPLE_STEP_S = 0.0101  # no-grad forward of one image for one denoising step
+TRAIN_TERM_S = 0.032  # forward + backward of one (image, step) term
 STARTUP_S = 8.0  # interpreter, imports, policy load, data
 
 

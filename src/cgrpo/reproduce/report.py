@@ -187,7 +187,10 @@ def _paper_value(run: str, use: str, metric: str) -> float | None:
     return None
 
 
-NOISE_FLOOR = 1e-3  # with one seed there is no std: smaller differences are not read as a result
+NOISE_FLOOR = 1e-3  # smaller differences are never read as a result
+# With one seed there is no spread to compare with. Three seeds of the mini demo (120 iterations) spread by a
+# std of 0.002-0.004 per reward and run, so one-seed differences below 0.005 are not read as a result.
+SINGLE_SEED_FLOOR = 5e-3
 
 
 def _our_cell(plan: Plan, run: str, use: str, metric: str) -> Cell | None:
@@ -210,7 +213,7 @@ def claim_lines(plan: Plan) -> list[str]:
         "## The paper's claims on our numbers",
         "",
         f"Ours: a difference counts when it exceeds the seeds' spread (sqrt of the summed variances) and "
-        f"{NOISE_FLOOR}; otherwise the claim is *unclear*.",
+        f"{NOISE_FLOOR} ({SINGLE_SEED_FLOOR} with a single seed); otherwise the claim is *unclear*.",
         "",
         "| Claim | paper | ours |",
         "|---|---|---|",
@@ -229,7 +232,8 @@ def claim_lines(plan: Plan) -> list[str]:
             if x is None or y is None:
                 our_checks.append(None)
                 continue
-            noise = max(math.hypot(x.std or 0.0, y.std or 0.0), NOISE_FLOOR)
+            floor = SINGLE_SEED_FLOOR if x.std is None or y.std is None else NOISE_FLOOR
+            noise = max(math.hypot(x.std or 0.0, y.std or 0.0), floor)
             diff = sign * (x.mean - y.mean)
             our_checks.append(None if abs(diff) <= noise else diff > 0)
         lines.append(f"| {text} | {_verdict(paper_checks)} | {_verdict(our_checks)} |")
