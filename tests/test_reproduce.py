@@ -288,6 +288,12 @@ def test_reproduce_quick_end_to_end_then_skips_finished_runs(tiny_world, tmp_pat
     assert dry.exit_code == 0, dry.output
     assert "10 of 10 runs to train" in dry.output and not out.exists()
 
+    # --no-run writes the plan and a report of what is finished (nothing yet), and trains nothing
+    planned = _invoke(*args, "--no-run")
+    assert planned.exit_code == 0, planned.output
+    assert not constructed and "report of the 0 finished runs" in planned.output
+    assert "(0 finished)" in (out / "report.md").read_text()
+
     first = _invoke(*args)
     assert first.exit_code == 0, first.output
     assert len(constructed) == 8  # 8 GRPO runs: tables 2 and 3 share the base, naive 1:1.5 and the main run

@@ -69,9 +69,12 @@ def reproduce_command(
 
     write_run_files(plan)
     if not (run if run is not None else world == "mini"):
+        report = write_report(plan)  # the runs finished so far (none on a fresh plan)
+        finished = sum(r.finished for r in plan.runs)
         console.print(
             f"wrote {out / 'plan.json'}, {out / 'configs'}/ and {out / 'commands.sh'}; "
-            f"train with `cgrpo reproduce --world {world} --run ...` (resumable) or the commands one by one"
+            f"train with `cgrpo reproduce --world {world} --run ...` (resumable) or the commands one by one; "
+            f"report of the {finished} finished runs: {report}"
         )
         return
 
@@ -82,8 +85,10 @@ def reproduce_command(
     try:
         outcome = execute(plan, jobs=jobs, on_event=on_event)
     except KeyboardInterrupt:
+        report = write_report(plan)
         errors.print(
-            "interrupted: finished runs are kept, checkpoints let the same command resume the others"
+            "interrupted: finished runs are kept, checkpoints let the same command resume the others; "
+            f"report of the finished runs: {report}"
         )
         raise typer.Exit(code=130) from None
     report = write_report(plan, outcome)
