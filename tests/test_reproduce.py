@@ -190,11 +190,12 @@ def test_claims_are_read_from_the_runs_summaries(tmp_path):
         }
         (run.output_dir).mkdir(parents=True)
         (run.output_dir / "summary.json").write_text(json.dumps(summary))
-    verdicts = {}
+    verdicts, seeds_agreeing = {}, {}
     for line in claim_lines(plan)[6:]:
         if line.startswith("|"):
-            claim, paper, ours = [cell.strip() for cell in line.strip("|").split("|")]
+            claim, paper, ours, agreeing = [cell.strip() for cell in line.strip("|").split("|")]
             verdicts[claim] = (paper, ours)
+            seeds_agreeing[claim] = agreeing
     assert verdicts["Customized-GRPO improves both rewards over the base"] == ("holds", "holds")
     assert verdicts["Naive GRPO 1:1 degrades competitively: identity up, prompt down (vs base)"][1] == "holds"
     assert verdicts["Naive GRPO 1:1.5 trades the other way: less identity, more prompt than 1:1"] == (
@@ -204,16 +205,18 @@ def test_claims_are_read_from_the_runs_summaries(tmp_path):
     assert verdicts["Max synergy hacks identity: more identity, less prompt than tanh"] == ("holds", "holds")
     assert verdicts["Alpha past 0.5 hurts prompt following (alpha 0.8 and 1.0 vs 0.5)"][1] == "unclear"
     assert verdicts["Removing the synergy term (w/o SARS) lowers both rewards"][1] == "holds"
+    # paired per-seed reading: alpha 0.8's prompt equals the main run's minus 0.0005 in both seeds
+    assert seeds_agreeing["Alpha past 0.5 hurts prompt following (alpha 0.8 and 1.0 vs 0.5)"] == "2/2, 2/2"
+    assert seeds_agreeing["RPO overfits the reference: identity up, prompt down (vs base)"] == "2/2, 0/2"
+    trade = "Naive GRPO 1:1.5 trades the other way: less identity, more prompt than 1:1"
+    assert seeds_agreeing[trade] == "2/2, 2/2"
 
     # one seed: no spread, so differences below the single-seed floor are unclear
     one = build_plan("mini", "2,3,5", seeds=1, out=tmp_path)
     lines = "\n".join(claim_lines(one))
-    assert (
-        "| Naive GRPO 1:1.5 trades the other way: less identity, more prompt than 1:1 | holds | holds |"
-        in lines
-    )
-    alpha = "| Alpha past 0.5 hurts prompt following (alpha 0.8 and 1.0 vs 0.5) | holds | unclear |"
-    assert alpha in lines
+    assert f"| {trade} | holds | holds | 1/1, 1/1 |" in lines
+    alpha = "Alpha past 0.5 hurts prompt following (alpha 0.8 and 1.0 vs 0.5)"
+    assert f"| {alpha} | holds | unclear | 1/1, 1/1 |" in lines
 
 
 def test_bad_arguments_name_the_option():

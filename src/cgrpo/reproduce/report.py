@@ -198,6 +198,31 @@ def _our_cell(plan: Plan, run: str, use: str, metric: str) -> Cell | None:
     return cell if cell.n else None
 
 
+def _per_seed(plan: Plan, run: str, use: str, metric: str) -> dict[int, float]:
+    """``{seed: value}`` of one row and metric over the finished runs."""
+    values = {}
+    for seed in plan.seeds:
+        planned = plan.run(run, seed)
+        if planned is None or not planned.finished:
+            continue
+        value = (json.loads((planned.output_dir / "summary.json").read_text()).get(use) or {}).get(metric)
+        if isinstance(value, int | float) and math.isfinite(value):
+            values[seed] = float(value)
+    return values
+
+
+def _seeds_agreeing(plan: Plan, condition: tuple[str, str, str, str, str, str]) -> str:
+    """``k/n``: in how many of the n seeds both runs finished the paired difference has the claimed sign.
+    Runs of one seed share their training seed, so this is a paired reading beside the spread rule."""
+    run, use, metric, op, other, other_use = condition
+    x, y = _per_seed(plan, run, use, metric), _per_seed(plan, other, other_use, metric)
+    seeds = sorted(x.keys() & y.keys())
+    if not seeds:
+        return "—"
+    sign = 1.0 if op == ">" else -1.0
+    return f"{sum(sign * (x[s] - y[s]) > 0 for s in seeds)}/{len(seeds)}"
+
+
 def _verdict(checks: list[bool | None]) -> str:
     """``True``: as claimed, ``False``: clearly against it, ``None``: within noise or missing."""
     if any(check is False for check in checks):
@@ -213,10 +238,12 @@ def claim_lines(plan: Plan) -> list[str]:
         "## The paper's claims on our numbers",
         "",
         f"Ours: a difference counts when it exceeds the seeds' spread (sqrt of the summed variances) and "
-        f"{NOISE_FLOOR} ({SINGLE_SEED_FLOOR} with a single seed); otherwise the claim is *unclear*.",
+        f"{NOISE_FLOOR} ({SINGLE_SEED_FLOOR} with a single seed); otherwise the claim is *unclear*. "
+        "Seeds agreeing: per comparison of the claim, in how many seeds the paired difference (same training "
+        "seed) points the claimed way.",
         "",
-        "| Claim | paper | ours |",
-        "|---|---|---|",
+        "| Claim | paper | ours | seeds agreeing |",
+        "|---|---|---|---|",
     ]
     shown = 0
     for text, conditions in CLAIMS:
@@ -236,7 +263,8 @@ def claim_lines(plan: Plan) -> list[str]:
             noise = max(math.hypot(x.std or 0.0, y.std or 0.0), floor)
             diff = sign * (x.mean - y.mean)
             our_checks.append(None if abs(diff) <= noise else diff > 0)
-        lines.append(f"| {text} | {_verdict(paper_checks)} | {_verdict(our_checks)} |")
+        agreeing = ", ".join(_seeds_agreeing(plan, condition) for condition in conditions)
+        lines.append(f"| {text} | {_verdict(paper_checks)} | {_verdict(our_checks)} | {agreeing} |")
         shown += 1
     return lines + [""] if shown else []
 
