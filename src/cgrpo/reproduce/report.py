@@ -40,23 +40,26 @@ class Cell:
 
 def row_values(plan: Plan, row: Row) -> dict[str, Cell]:
     """Our ``id``/``prompt`` of ``row`` over the plan's seeds (finished runs only)."""
-    values: dict[str, list[float]] = {m: [] for m in OURS}
-    for seed in plan.seeds:
-        run = plan.run(row.run, seed)
-        if run is None or not run.finished:
-            continue
-        summary = json.loads((run.output_dir / "summary.json").read_text())
-        metrics = summary.get(row.use) or {}
-        for metric in OURS:
-            value = metrics.get(metric)
-            if isinstance(value, int | float) and math.isfinite(value):
-                values[metric].append(float(value))
     cells = {}
-    for metric, xs in values.items():
+    for metric in OURS:
+        xs = list(per_seed(plan, row.run, row.use, metric).values())
         mean = statistics.fmean(xs) if xs else math.nan
         std = statistics.stdev(xs) if len(xs) > 1 else None
         cells[metric] = Cell(mean, std, len(xs))
     return cells
+
+
+def per_seed(plan: Plan, run: str, use: str, metric: str) -> dict[int, float]:
+    """``{seed: value}`` of one run's ``use`` (``base``/``trained``) and metric over its finished seeds."""
+    values = {}
+    for seed in plan.seeds:
+        planned = plan.run(run, seed)
+        if planned is None or not planned.finished:
+            continue
+        value = (json.loads((planned.output_dir / "summary.json").read_text()).get(use) or {}).get(metric)
+        if isinstance(value, int | float) and math.isfinite(value):
+            values[seed] = float(value)
+    return values
 
 
 def metric_names(plan: Plan) -> tuple[str, str]:
@@ -198,24 +201,11 @@ def _our_cell(plan: Plan, run: str, use: str, metric: str) -> Cell | None:
     return cell if cell.n else None
 
 
-def _per_seed(plan: Plan, run: str, use: str, metric: str) -> dict[int, float]:
-    """``{seed: value}`` of one row and metric over the finished runs."""
-    values = {}
-    for seed in plan.seeds:
-        planned = plan.run(run, seed)
-        if planned is None or not planned.finished:
-            continue
-        value = (json.loads((planned.output_dir / "summary.json").read_text()).get(use) or {}).get(metric)
-        if isinstance(value, int | float) and math.isfinite(value):
-            values[seed] = float(value)
-    return values
-
-
 def _seeds_agreeing(plan: Plan, condition: tuple[str, str, str, str, str, str]) -> str:
     """``k/n``: in how many of the n seeds both runs finished the paired difference has the claimed sign.
     Runs of one seed share their training seed, so this is a paired reading beside the spread rule."""
     run, use, metric, op, other, other_use = condition
-    x, y = _per_seed(plan, run, use, metric), _per_seed(plan, other, other_use, metric)
+    x, y = per_seed(plan, run, use, metric), per_seed(plan, other, other_use, metric)
     seeds = sorted(x.keys() & y.keys())
     if not seeds:
         return "—"
