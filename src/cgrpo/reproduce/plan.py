@@ -230,11 +230,11 @@ PROFILES: dict[tuple[str, str], Profile] = {
     ("mini", "full"): Profile(
         "full", 3, 32, ("eval.every=20", "checkpoint.every=10", "log.tensorboard=false")
     ),
-    # 22 runs x 1 seed in ~18 min: 20 iterations of 2 x 8 samples, 8 held-out subjects, no mid-run evals.
+    # 22 runs x 1 seed in ~18 min: 18 iterations of 2 x 8 samples, 8 held-out subjects, no mid-run evals.
     ("mini", "quick"): Profile(
         "quick",
         1,
-        20,
+        18,
         (
             "train.prompts_per_iteration=2",
             "data.options.eval.num_subjects=8",
@@ -493,10 +493,11 @@ def build_plan(
 # --- cost model (mini world, one thread on a quiet core) ---------------------------------------------
 
 # Measured on these machines with the ~2.3M-parameter mini transformer, two one-thread runs side by side (as
-# `--jobs 2` runs them): a GRPO iteration of 4 x 8 samples, 10 steps, 5 trained steps takes ~7.4 s; the quick
-# plan's GRPO runs took 115-123 s (estimate: 116 s).
-SAMPLE_STEP_S = 0.0101  # no-grad forward of one image for one denoising step
-TRAIN_TERM_S = 0.032  # forward + backward of one (image, step) term
+# `--jobs 2` runs them): a GRPO iteration of 4 x 8 samples, 10 steps, 5 trained steps takes ~7.4 s. The full
+# plan took ~2.95 h (estimate before this calibration: 2.72 h); the quick plan's GRPO runs at 20 iterations
+# took 99-112 s on a quiet machine (estimate before: ~95 s). Both constants were raised by 8% for that.
+SAMPLE_STEP_S = 0.0109  # no-grad forward of one image for one denoising step
+TRAIN_TERM_S = 0.0346  # forward + backward of one (image, step) term
 STARTUP_S = 8.0  # interpreter, imports, policy load, data
 
 
