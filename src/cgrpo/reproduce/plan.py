@@ -226,7 +226,7 @@ class Profile:
 
 
 PROFILES: dict[tuple[str, str], Profile] = {
-    # 22 runs x 3 seeds in ~2.7 h on 2 cores (see estimate_seconds): 32 iterations of 4 x 8 samples.
+    # 22 runs x 3 seeds in ~2.9 h on 2 cores (see estimate_seconds): 32 iterations of 4 x 8 samples.
     ("mini", "full"): Profile(
         "full", 3, 32, ("eval.every=20", "checkpoint.every=10", "log.tensorboard=false")
     ),
