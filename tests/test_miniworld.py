@@ -297,3 +297,24 @@ def test_rendering_is_fast():
     images = [data[i].target for i in range(2000)]
     elapsed = time.perf_counter() - start
     assert len(images) == 2000 and elapsed < 3.0, f"2000 renders took {elapsed:.2f}s"
+
+
+def test_property_rate_makes_edits_of_the_look_rare_and_keeps_the_rest():
+    full = WORLD.dataset("train", prompts_per_subject=16, seed=0)
+    rare = WORLD.dataset("train", prompts_per_subject=16, seed=0, property_rate=0.2)
+    share = [sum(mw.asks_property(p) for _, p, _ in d.entries) / len(d) for d in (full, rare)]
+    # 0.2 keeps about a fifth of the property-change prompts; the other kinds fill the freed draws
+    assert 0.25 < share[0] < 0.36 and 0.04 < share[1] < 0.10
+    assert share[1] / share[0] == pytest.approx(0.2 / (1 - share[0] + 0.2 * share[0]), rel=0.25)
+    assert len(rare) == len(full)
+    assert rare.entries == WORLD.dataset("train", prompts_per_subject=16, seed=0, property_rate=0.2).entries
+    assert mw.asks_property("a red heart") and mw.asks_property("a heart upside down on the beach")
+    assert not mw.asks_property("a small heart in the top left")
+    with pytest.raises(ValueError, match="property_rate"):
+        WORLD.dataset("train", property_rate=0.0)
+
+
+def test_world_version_is_checked():
+    assert WORLD.version == mw.WORLD_VERSION
+    with pytest.raises(ValueError, match="data.options.version"):
+        mw.MiniWorld(num_train_subjects=4, num_test_subjects=2, version=mw.WORLD_VERSION - 1)

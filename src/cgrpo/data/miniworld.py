@@ -38,6 +38,12 @@ from cgrpo.data.base import Example
 
 KINDS = ("plain", "context", "placement", "property", "combo")
 
+# Which mini world a result comes from; configs name it (``data.options.version``) and every run records it,
+# so that numbers of different worlds are never compared. 1: the first wave (a base pre-trained for 2,500
+# steps on the full prompt mix, not converged). 2: a base pre-trained to convergence on data where edits of
+# the subject's look are rare (``property_rate`` 0.2 of ``configs/mini/sft.yaml``).
+WORLD_VERSION = 2
+
 DEFAULT_BACKGROUND = (0.75, 0.75, 0.73)  # light neutral grey of every reference image
 DEFAULT_SIZE = 0.5  # subject extent as a fraction of the image side
 DEFAULT_CENTRE = (0.5, 0.5)  # (x, y) as fractions of the image side
@@ -429,15 +435,46 @@ def _randint(rng: np.random.Generator | torch.Generator, high: int) -> int:
     return int(rng.integers(high))
 
 
-def sample_prompt(
-    subject: Subject, rng: np.random.Generator | torch.Generator, kinds: Sequence[str] | None = None
+def asks_property(prompt: str) -> bool:
+    """Whether ``prompt`` asks to change the subject's look (a recolour, "striped" or "upside down")."""
+    spec = parse_prompt(prompt)
+    return spec.color is not None or spec.pattern is not None or bool(spec.upside_down)
+
+
+def _draw_prompt(
+    subject: Subject, rng: np.random.Generator | torch.Generator, kinds: tuple[str, ...]
 ) -> tuple[str, str]:
-    """(prompt, kind): a kind uniformly from ``kinds`` (default all), then a group, then a prompt."""
-    choices = [k for k in _check_kinds(kinds) if prompt_groups(subject, k)]
+    choices = [k for k in kinds if prompt_groups(subject, k)]
     kind = choices[_randint(rng, len(choices))]
     groups = prompt_groups(subject, kind)
     prompts = groups[_randint(rng, len(groups))]
     return prompts[_randint(rng, len(prompts))], kind
+
+
+def _uniform(rng: np.random.Generator | torch.Generator) -> float:
+    if isinstance(rng, torch.Generator):
+        return float(torch.rand((), generator=rng))
+    return float(rng.random())
+
+
+def sample_prompt(
+    subject: Subject,
+    rng: np.random.Generator | torch.Generator,
+    kinds: Sequence[str] | None = None,
+    property_rate: float = 1.0,
+) -> tuple[str, str]:
+    """(prompt, kind): a kind uniformly from ``kinds`` (default all), then a group, then a prompt.
+
+    ``property_rate`` < 1 keeps a drawn property-change prompt only with that probability (else draws
+    again), so that edits of the subject's look are rare, as they are in real pre-training data.
+    """
+    if not 0.0 < property_rate <= 1.0:
+        raise ValueError(f"mini-world property_rate must be in (0, 1], got {property_rate}")
+    kinds = _check_kinds(kinds)
+    while True:
+        prompt, kind = _draw_prompt(subject, rng, kinds)
+        if property_rate == 1.0 or not asks_property(prompt) or _uniform(rng) < property_rate:
+            return prompt, kind
 
 
 # ------------------------------------------------------------------------------------------- rendering
@@ -518,8 +555,18 @@ class MiniWorld:
     """Deterministic set of train and held-out subjects (disjoint identity combinations) and their images."""
 
     def __init__(
-        self, image_size: int = 32, num_train_subjects: int = 600, num_test_subjects: int = 64, seed: int = 0
+        self,
+        image_size: int = 32,
+        num_train_subjects: int = 600,
+        num_test_subjects: int = 64,
+        seed: int = 0,
+        version: int = WORLD_VERSION,
     ) -> None:
+        if version != WORLD_VERSION:
+            raise ValueError(
+                f"mini world version {version} is not this release's ({WORLD_VERSION}); results of different "
+                f"world versions are not comparable: set data.options.version to {WORLD_VERSION}"
+            )
         if image_size < 16:
             raise ValueError(f"mini-world image_size must be at least 16, got {image_size}")
         identities = _identities()
@@ -538,6 +585,7 @@ class MiniWorld:
         ]
         self.image_size = image_size
         self.seed = seed
+        self.version = version
         self.train_subjects: list[Subject] = subjects[:num_train_subjects]
         self.test_subjects: list[Subject] = subjects[num_train_subjects:]
         self._by_id = {s.id: s for s in subjects}
@@ -579,14 +627,19 @@ class MiniWorld:
         prompts_per_subject: int = 8,
         kinds: Sequence[str] | None = None,
         seed: int = 0,
+        property_rate: float = 1.0,
     ) -> MiniWorldDataset:
-        """``prompts_per_subject`` sampled prompts per subject of ``split`` (deterministic for ``seed``)."""
+        """``prompts_per_subject`` sampled prompts per subject of ``split`` (deterministic for ``seed``);
+        ``property_rate``: see :func:`sample_prompt`."""
         kinds = _check_kinds(kinds)
         code = 0 if split == "train" else 1
         entries = []
         for i, subject in enumerate(self.subjects(split)):
             rng = np.random.default_rng([seed, code, i])
-            entries += [(subject, *sample_prompt(subject, rng, kinds)) for _ in range(prompts_per_subject)]
+            entries += [
+                (subject, *sample_prompt(subject, rng, kinds, property_rate))
+                for _ in range(prompts_per_subject)
+            ]
         return MiniWorldDataset(self, entries)
 
     def eval_set(

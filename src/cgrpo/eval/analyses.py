@@ -642,12 +642,21 @@ def _num(value: Any) -> float:
     return float(value) if isinstance(value, int | float) else float("nan")
 
 
+# The paper's named methods get their name on the plot; every other point only its number.
+NAMED_METHODS = frozenset({"base", "sft", "rpo", "naive_1to1", "naive_1to1.5", "customized_grpo"})
+
+
 def _plot_tradeoff(result: dict[str, Any], path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(6.2, 4.6))
+    """Every final point numbered, with the numbers' labels listed beside the axes: runs of one world sit
+    close together, and text labels on the points would overlap. Axis limits include the error bars."""
+    fig, (ax, key) = plt.subplots(1, 2, figsize=(9.0, 4.8), gridspec_kw={"width_ratios": [3, 1.25]})
     points = result["points"]
     by_source: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for p in points:
         by_source[p["source"]].append(p)
+    entries: list[str] = []
+    extent_x: list[float] = []
+    extent_y: list[float] = []
     for color, (_, group) in enumerate(by_source.items()):
         path_points = [p for p in group if p["kind"] == "run"]
         if len(path_points) > 1:
@@ -665,8 +674,12 @@ def _plot_tradeoff(result: dict[str, Any], path: Path) -> Path:
             xerr = yerr = None
             if p.get("x_ci") and None not in p["x_ci"]:
                 xerr = [[p["x"] - p["x_ci"][0]], [p["x_ci"][1] - p["x"]]]
+                extent_x += list(p["x_ci"])
             if p.get("y_ci") and None not in p["y_ci"]:
                 yerr = [[p["y"] - p["y_ci"][0]], [p["y_ci"][1] - p["y"]]]
+                extent_y += list(p["y_ci"])
+            extent_x.append(_num(p["x"]))
+            extent_y.append(_num(p["y"]))
             marker = "*" if p["on_front"] else "o"
             ax.errorbar(
                 p["x"],
@@ -679,7 +692,17 @@ def _plot_tradeoff(result: dict[str, Any], path: Path) -> Path:
                 capsize=2,
                 lw=0.8,
             )
-            ax.annotate(p["label"], (p["x"], p["y"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
+            entries.append(p["label"])
+            named = p["label"] in NAMED_METHODS
+            ax.annotate(
+                f"{len(entries)} {p['label']}" if named else str(len(entries)),
+                (p["x"], p["y"]),
+                textcoords="offset points",
+                xytext=(4, 3),
+                fontsize=7.5 if named else 7,
+                fontweight="bold" if named else "normal",
+                color=f"C{color % 10}",
+            )
     front = sorted((p for p in points if p["on_front"]), key=lambda p: p["x"])
     if len(front) > 1:
         ax.step(
@@ -689,11 +712,29 @@ def _plot_tradeoff(result: dict[str, Any], path: Path) -> Path:
             color="k",
             ls="--",
             lw=1,
-            label="Pareto front",
+            label="Pareto front (*)",
         )
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="lower left")
+    for limits, setter in ((extent_x, ax.set_xlim), (extent_y, ax.set_ylim)):
+        finite = [v for v in limits if math.isfinite(v)]
+        if finite:
+            low, high = min(finite), max(finite)
+            pad = max(high - low, 1e-3) * 0.08
+            setter(low - pad, high + pad)
+    key.axis("off")
+    key.text(
+        0.0,
+        1.0,
+        "\n".join(f"{i:>2}  {label}" for i, label in enumerate(entries, start=1)),
+        va="top",
+        ha="left",
+        fontsize=7.5 if len(entries) <= 30 else 6,
+        family="monospace",
+        transform=key.transAxes,
+    )
     ax.set_xlabel(f"identity: {', '.join(result['x_metric'])} ↑")
     ax.set_ylabel(f"prompt: {', '.join(result['y_metric'])} ↑")
-    ax.set_title("identity vs prompt following")
+    ax.set_title("identity vs prompt following (bars: spread)")
     ax.grid(alpha=0.3)
+    fig.tight_layout()
     return save_figure(fig, path)

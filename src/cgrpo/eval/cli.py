@@ -275,6 +275,101 @@ def analyze_conflict(
     console.print(f"wrote {target / 'conflict.png'}, {target / 'conflict.json'}")
 
 
+@analyze_app.command("exploration")
+@_user_errors
+def analyze_exploration(
+    config: Annotated[Path, typer.Argument(help="GRPO config whose policy, rewards and sampler are used.")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="dotted.key=value overrides.")] = None,
+    lora: Lora = None,
+    out: Annotated[Path | None, typer.Option(help="Write the statistics here (JSON).")] = None,
+    num_subjects: Annotated[int, typer.Option(help="Held-out subjects (mini world).")] = 32,
+    prompts_per_kind: Annotated[int, typer.Option(help="Prompts per kind and subject (mini world).")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of the rollout noise.")] = 0,
+    hit_threshold: Annotated[float, typer.Option(help="Attribute score that counts as drawn.")] = 0.6,
+) -> None:
+    """What a policy's rollouts explore: per prompt kind, rollout vs ODE rewards, within-group spread,
+    flat groups, and how often property prompts' rollouts draw the asked property."""
+    import json
+
+    from cgrpo.config import load_config
+    from cgrpo.eval.exploration import explore
+    from cgrpo.eval.runner import resolve_lora
+    from cgrpo.io import atomic_write_json
+    from cgrpo.rewards.mini import reward_breakdown
+    from cgrpo.sde import flux_sigmas
+    from cgrpo.train.components import build_datasets, build_policy, build_rewards
+    from cgrpo.train.config import GRPOConfig
+
+    eval_options = f"{{num_subjects: {num_subjects}, prompts_per_kind: {prompts_per_kind}}}"
+    extra = [f"data.options.eval={eval_options}"] if _is_mini(config, overrides) else []
+    cfg = load_config(GRPOConfig, config, [*(overrides or []), *extra])
+    policy = build_policy(cfg.policy)
+    if lora is not None:
+        policy.load_lora(resolve_lora(lora))
+    _, heldout = build_datasets(cfg.data, cfg.seed)
+    if not heldout:
+        raise ValueError(f"{config}: the dataset has no held-out examples to explore")
+    identity, prompt = build_rewards(cfg)
+    s = cfg.sampling
+    sigmas = flux_sigmas(s.num_steps, image_seq_len=policy.latent_shape[0], shift=s.shift)
+    sde_steps = torch_sde_mask(s.num_steps, s.sde_steps)
+    result = explore(
+        policy,
+        heldout,
+        identity,
+        prompt,
+        sigmas,
+        sde_steps,
+        group_size=cfg.train.group_size,
+        noise_level=s.noise_level,
+        formulation=s.formulation,
+        seed=seed,
+        hit_threshold=hit_threshold,
+        breakdown=reward_breakdown if cfg.rewards.prompt.name == "mini_prompt" else None,
+    )
+    table = Table(
+        "kind", "groups", "rollout id/prompt", "ODE id/prompt", "group std id/prompt", "property hits"
+    )
+    for name, block in [*result["kinds"].items(), ("[bold]all[/]", result["all"])]:
+        hits = (
+            f"{block['property_hit_rate']:.0%} ({block['property_groups_without_hit']:.0%} groups none)"
+            if "property_hit_rate" in block
+            else ""
+        )
+        table.add_row(
+            name,
+            str(block["groups"]),
+            f"{block['rollout_id']:.3f} / {block['rollout_prompt']:.3f}",
+            f"{block['ode_id']:.3f} / {block['ode_prompt']:.3f}",
+            f"{block['group_std_id']:.3f} / {block['group_std_prompt']:.3f}",
+            hits,
+        )
+    console.print(table)
+    needed = result["images_needed_for_0.01"]
+    console.print(f"held-out images for a ±0.01 interval: identity {needed['id']}, prompt {needed['prompt']}")
+    if out is not None:
+        atomic_write_json(out, result)
+        console.print(f"wrote {out}")
+    else:
+        console.print(json.dumps(result["all"], indent=1))
+
+
+def _is_mini(config: Path, overrides: list[str] | None) -> bool:
+    from cgrpo.config import load_config
+    from cgrpo.train.config import GRPOConfig
+
+    return load_config(GRPOConfig, config, list(overrides or [])).data.name == "mini"
+
+
+def torch_sde_mask(num_steps: int, sde_steps: int | None):
+    """``[T]`` bool: the first ``sde_steps`` steps are stochastic (default all but the last): as trained."""
+    import torch
+
+    mask = torch.zeros(num_steps, dtype=torch.bool)
+    mask[: num_steps - 1 if sde_steps is None else sde_steps] = True
+    return mask
+
+
 @analyze_app.command("frequency")
 @_user_errors
 def analyze_frequency(

@@ -31,6 +31,14 @@ def build_policy(config: PolicyConfig, device: str = "cpu") -> Policy:
     return policy.to(device)
 
 
+def record_world_version(config: DataConfig | None) -> None:
+    """Write the mini world's version into ``config`` (and so into the run's ``config.yaml``) if unset."""
+    if config is not None and config.name == "mini":
+        from cgrpo.data.miniworld import WORLD_VERSION
+
+        config.options.setdefault("version", WORLD_VERSION)
+
+
 def build_datasets(config: DataConfig, seed: int) -> tuple[SubjectDataset, list[Example]]:
     """(training dataset, held-out evaluation examples)."""
     options = dict(config.options)

@@ -56,6 +56,7 @@ from cgrpo.train.components import (
     build_lr_scheduler,
     build_policy,
     build_rewards,
+    record_world_version,
     score_with_retries,
     validate_data,
 )
@@ -73,6 +74,7 @@ class GRPOTrainer:
         self.console = console or Console(stderr=True, quiet=not self.dist.is_main)
         self.output_dir = Path(config.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
+        record_world_version(config.data)
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, self.output_dir / "config.yaml")

@@ -391,13 +391,20 @@ def run_rpo(config: RPOConfig, console: Any | None = None) -> dict[str, Any]:
     from cgrpo.imaging import grid, save_png
     from cgrpo.io import atomic_write_json
     from cgrpo.sde import flux_sigmas
-    from cgrpo.train.components import BatchSampler, build_datasets, build_policy, build_rewards
+    from cgrpo.train.components import (
+        BatchSampler,
+        build_datasets,
+        build_policy,
+        build_rewards,
+        record_world_version,
+    )
     from cgrpo.train.heldout import evaluate_heldout
     from cgrpo.train.logger import MetricsLogger
 
     console = console or Console(stderr=True)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    record_world_version(config.data)
     save_config(config, out / "config.yaml")
     torch.manual_seed(config.seed)
     device = torch.device(config.device)

@@ -45,6 +45,9 @@ class SFTDataConfig:
     num_test_subjects: int = 64
     prompts_per_subject: int = 8
     kinds: list[str] | None = None  # prompt kinds to train on; None = the mini world's full mix
+    # Keep a drawn property-change prompt with this probability: < 1 makes edits of the subject's look rare
+    # in the pre-training data, as they are in real data (the base then explores them rarely, not never).
+    property_rate: float = 1.0
     world_seed: int = 0  # which mini world (subjects) to build
     eval_examples: int = 8  # held-out (test-split) examples sampled into every preview grid
     # A registered dataset exactly as a GRPO config names it (`data:` of configs/mini/customized_grpo.yaml):
@@ -294,7 +297,11 @@ def build_mini_data(config: SFTDataConfig, seed: int) -> tuple[Sequence[Example]
     )
     kinds = list(config.kinds) if config.kinds is not None else None
     train = world.dataset(
-        split="train", prompts_per_subject=config.prompts_per_subject, kinds=kinds, seed=seed
+        split="train",
+        prompts_per_subject=config.prompts_per_subject,
+        kinds=kinds,
+        seed=seed,
+        property_rate=config.property_rate,
     )
     # The preview grid: one held-out subject per row, going round the prompt kinds (plain, context, ...).
     held_out = list(world.eval_set(num_subjects=config.eval_examples, prompts_per_kind=1))
@@ -517,6 +524,9 @@ def run_sft(
         torch.set_num_threads(config.num_threads)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    from cgrpo.train.components import record_world_version
+
+    record_world_version(config.data.dataset)
     save_config(config, out / "config.yaml")
 
     if train_data is None and config.data.dataset is not None:
