@@ -288,11 +288,37 @@ class Store:
             delay = min(delay * 2, 0.5)
         raise AssertionError("unreachable")
 
-    def _migrate(self, target: int) -> None:
-        # WAL is a property of the file; it cannot be switched inside a transaction.
-        mode = self._connect().execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    def _enable_wal(self) -> None:
+        """Switch the file to WAL once; wait (bounded) while another process holds its write lock.
+
+        WAL is a property of the file and cannot be switched inside a transaction. SQLite answers
+        ``journal_mode = WAL`` with SQLITE_BUSY at once, without its busy handler, while another
+        connection holds the write lock of a rollback-journal file, as when two ``cgrpo humaneval``
+        commands create one new study together; so retry here until ``busy_timeout_s`` has passed.
+        """
+        conn = self._connect()
+        deadline = time.monotonic() + self.busy_timeout_s
+        delay = 0.005
+        while True:
+            try:
+                # Reading the mode first: a file that is already WAL needs no lock to stay WAL.
+                mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+                if mode.lower() != "wal":
+                    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                break
+            except sqlite3.OperationalError as error:
+                if not _is_busy(error) or time.monotonic() > deadline:
+                    raise StoreError(
+                        f"{self.path} stayed locked for {self.busy_timeout_s:g} s while switching to WAL: "
+                        f"{error}."
+                    ) from error
+            time.sleep(delay * (1 + random.random()))
+            delay = min(delay * 2, 0.2)
         if mode.lower() != "wal":
             raise StoreError(f"{self.path} cannot use WAL journaling (got {mode!r}).")
+
+    def _migrate(self, target: int) -> None:
+        self._enable_wal()
 
         def upgrade(conn: sqlite3.Connection) -> None:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
