@@ -333,3 +333,16 @@ def test_cli_serve_refuses_a_study_without_pairs_or_with_changed_pairs(study, tm
     changed.write_text(json.dumps(record | {"prompt": "another prompt"}) + "\n")
     refused = runner.invoke(cli_app, ["serve", "--db", str(study.db), "--pairs", str(changed)])
     assert refused.exit_code == 2 and "with a different prompt" in refused.output
+
+
+def test_elapsed_ms_must_be_a_strict_integer(study):
+    client = study.client(study.alice)
+    pair_id = current_pair(client)
+    # JSON true, a float and a numeric string are not a number of milliseconds
+    for value in (True, 1500.0, 1500.5, "1500"):
+        response = client.post("/api/votes", json={"pair_id": pair_id, **VOTE, "elapsed_ms": value})
+        assert response.status_code == 422, value
+        assert response.json()["detail"][0]["loc"][-1] == "elapsed_ms"
+    assert study.store.votes() == []
+    assert client.post("/api/votes", json={"pair_id": pair_id, **VOTE, "elapsed_ms": 1500}).status_code == 201
+    assert {vote.elapsed_ms for vote in study.store.votes()} == {1500}

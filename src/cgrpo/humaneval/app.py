@@ -70,7 +70,8 @@ class VoteIn(BaseModel):
     identity: Side
     prompt: Side
     overall: Side
-    elapsed_ms: int | None = Field(default=None, ge=0, le=24 * 3600 * 1000)
+    # strict: JSON true, 1.0 or "1500" are not milliseconds (lax mode would store true as 1)
+    elapsed_ms: int | None = Field(default=None, ge=0, le=24 * 3600 * 1000, strict=True)
 
 
 class SecurityHeadersMiddleware:
