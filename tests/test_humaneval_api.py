@@ -346,3 +346,51 @@ def test_elapsed_ms_must_be_a_strict_integer(study):
     assert study.store.votes() == []
     assert client.post("/api/votes", json={"pair_id": pair_id, **VOTE, "elapsed_ms": 1500}).status_code == 201
     assert {vote.elapsed_ms for vote in study.store.votes()} == {1500}
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def test_results_csv_neutralises_spreadsheet_formulas(tmp_path):
+    keys = [
+        ("@SUM(A1:A9)", '=HYPERLINK("http://evil.example","click")', 0),
+        ("-2+3", "+cmd|' /C calc'!A0", 0),
+        ("dog", "\tTAB then text", 0),
+        ("cat", "\r=1+1", 0),
+    ]
+    run_a = read_eval_run(write_eval_run(tmp_path / "a", "=1+1", keys, size=8))
+    run_b = read_eval_run(write_eval_run(tmp_path / "b", "-uno", keys, size=8))
+    pairs = [
+        pair.model_copy(update={"scores_a": {"delta": -0.25}, "scores_b": {"delta": 0.5}})
+        for pair in make_pairs(run_a, run_b)
+    ]
+    store = Store(tmp_path / "study.sqlite")
+    store.register_pairs(pairs)
+    token = store.add_annotator("=cmd()")
+    annotator = store.authenticate(token).annotator_id
+    for pair in pairs:
+        store.layout(annotator, pair.pair_id)
+        store.record_votes(annotator, pair.pair_id, {"identity": "left", "prompt": "tie", "overall": "right"})
+    admin = store.add_annotator("lead", admin=True)
+    admin_client = TestClient(create_app(store, n_boot=100), headers={"authorization": f"Bearer {admin}"})
+    served = admin_client.get("/admin/results.csv").text
+    exported = tmp_path / "results.csv"
+    runner_result = CliRunner().invoke(
+        cli_app, ["export", "--db", str(store.path), "--out", str(exported), "--n-boot", "100"]
+    )
+    assert runner_result.exit_code == 0, runner_result.output
+    for text in (served, exported.read_bytes().decode()):  # bytes: keep a quoted \r as it is
+        rows = list(csv.DictReader(io.StringIO(text)))
+        assert len(rows) == 12
+        for row in rows:
+            for column, cell in row.items():
+                if column.startswith("score_"):
+                    float(cell)  # numbers stay numbers (a negative score is not a formula)
+                    continue
+                assert not cell.startswith(FORMULA_STARTS), (column, cell)
+        by_prompt = {row["prompt"]: row for row in rows}
+        row = by_prompt["'" + keys[0][1]]  # the original text follows the quote, unchanged
+        assert (row["subject"], row["method_a"], row["method_b"]) == ("'" + keys[0][0], "'=1+1", "'-uno")
+        assert row["annotator"] == "'=cmd()" and {"'\tTAB then text", "'\r=1+1"} <= set(by_prompt)
+        assert {r["winner"] for r in rows} == {"'=1+1", "'-uno", "tie"}
+        assert {r["score_a.delta"] for r in rows} == {"-0.25"}
