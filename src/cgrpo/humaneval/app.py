@@ -13,6 +13,7 @@ Routes (every one except ``/static`` needs a token; ``/static`` holds only the p
 """
 
 import hmac
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -23,7 +24,8 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Redirect
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.datastructures import MutableHeaders
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -42,6 +44,8 @@ from cgrpo.humaneval.store import (
 )
 
 PACKAGE_DIR = Path(__file__).parent
+# A vote is about 150 bytes; nothing this app accepts comes near 4 KiB.
+MAX_BODY_BYTES = 4096
 COOKIE_NAME = "cgrpo_humaneval_token"
 COOKIE_MAX_AGE_S = 30 * 24 * 3600
 # Keys per criterion in the order left / tie / right; the page shows them as a legend.
@@ -95,6 +99,72 @@ class SecurityHeadersMiddleware:
         await self.app(scope, receive, send_with_headers)
 
 
+class BodyGuardMiddleware:
+    """Refuses a request body before the app reads any of it: over ``max_bytes`` or without a valid token.
+
+    FastAPI reads (and buffers) the whole body before it runs the dependencies that check the token, so a
+    token-less 256 MiB POST used to be held in memory. Here a body is refused with 413 when its declared
+    length is over the limit, with 401 before that when the request carries no valid token (both on the
+    head alone), and with 413 as soon as the bytes actually streamed (chunked) pass the limit. Refusals carry
+    ``Connection: close`` so that the server stops reading the rest. An accepted body, at most
+    ``max_bytes``, is replayed to the app, with the caller stored in ``scope["state"]["principal"]``.
+    """
+
+    def __init__(
+        self, app: ASGIApp, *, authenticate: Callable[[str | None], Principal | None], max_bytes: int
+    ) -> None:
+        self.app = app
+        self.authenticate = authenticate
+        self.max_bytes = max_bytes
+
+    @staticmethod
+    async def _refuse(status: int, detail: str, scope: Scope, receive: Receive, send: Send) -> None:
+        response = JSONResponse({"detail": detail}, status, headers={"connection": "close"})
+        await response(scope, receive, send)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        declared = headers.get("content-length")
+        chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+        if not chunked and declared in (None, "0"):  # no body (GET, HEAD, an empty POST)
+            await self.app(scope, receive, send)
+            return
+        # The token first: an outsider learns nothing, not even the size limit, and sends nothing more.
+        who = await run_in_threadpool(self.authenticate, _request_token(Request(scope)))
+        if who is None:
+            await self._refuse(401, "A valid token is needed to send a body.", scope, receive, send)
+            return
+        too_large = f"Request body over {self.max_bytes} bytes."
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await self._refuse(413, too_large, scope, receive, send)
+            return
+        body = bytearray()
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client left; nothing to answer
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_bytes:
+                await self._refuse(413, too_large, scope, receive, send)
+                return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body only a disconnect can come
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        scope.setdefault("state", {})["principal"] = who
+        await self.app(scope, replay, send)
+
+
 def _request_token(request: Request) -> str | None:
     authorization = request.headers.get("authorization", "")
     if authorization.lower().startswith("bearer "):
@@ -105,7 +175,6 @@ def _request_token(request: Request) -> str | None:
 def create_app(store: Store, *, session_admin_token: str | None = None, n_boot: int = 2000) -> FastAPI:
     """Build the app over ``store``. ``session_admin_token`` is an admin token valid for this process only."""
     app = FastAPI(title="cgrpo human evaluation", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(SecurityHeadersMiddleware)
     app.mount("/static", StaticFiles(directory=PACKAGE_DIR / "static"), name="static")
     templates = Jinja2Templates(directory=PACKAGE_DIR / "templates")
     templates.env.filters["pct"] = lambda value: "–" if value is None else f"{100 * value:.0f}%"
@@ -117,7 +186,14 @@ def create_app(store: Store, *, session_admin_token: str | None = None, n_boot: 
             return Principal(annotator_id=None, name="admin (this server session)", is_admin=True)
         return store.authenticate(token)
 
+    # Starlette runs the last-added middleware first: security headers on every answer, refusals included.
+    app.add_middleware(BodyGuardMiddleware, authenticate=authenticate, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(SecurityHeadersMiddleware)
+
     def principal(request: Request) -> Principal:
+        checked = request.scope.get("state", {}).get("principal")
+        if checked is not None:  # the body guard already checked this request's token
+            return checked
         token = _request_token(request)
         if not token:
             raise HTTPException(401, "No token: open the invite link you were given.")
