@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -84,7 +85,8 @@ def test_invite_link_sets_a_cookie_and_redirects(study):
     assert "script-src 'self'" in page.headers["content-security-policy"]
     admin_redirect = study.client().get(f"/a/{study.admin}")
     assert admin_redirect.headers["location"] == "/admin"
-    assert study.client().get("/annotate", params={"token": study.bob}).status_code == 200
+    # a token in the query string signs nobody in (it would land in access logs and browser history)
+    assert study.client().get("/annotate", params={"token": study.bob}).status_code == 401
 
 
 def test_annotation_page_is_blind_and_shows_legend_and_progress(study):
@@ -394,3 +396,57 @@ def test_results_csv_neutralises_spreadsheet_formulas(tmp_path):
         assert row["annotator"] == "'=cmd()" and {"'\tTAB then text", "'\r=1+1"} <= set(by_prompt)
         assert {r["winner"] for r in rows} == {"'=1+1", "'-uno", "tie"}
         assert {r["score_a.delta"] for r in rows} == {"-0.25"}
+
+
+def signed_in_as(client: TestClient) -> str:
+    page = client.get("/annotate")
+    assert page.status_code == 200, page.text
+    return re.search(r"signed in as <strong>(.*?)</strong>", page.text).group(1)
+
+
+def test_a_link_never_switches_a_signed_in_browser_silently(study):
+    browser = study.client()
+    assert browser.get(f"/a/{study.alice}").status_code == 303
+    alice_cookie = browser.cookies[COOKIE_NAME]
+    # bob's token in the query string of a page: no switch, no cookie
+    page = browser.get("/annotate", params={"token": study.bob})
+    assert "set-cookie" not in page.headers and signed_in_as(browser) == "alice"
+    # bob's invitation link: a confirmation page, still no cookie
+    question = browser.get(f"/a/{study.bob}")
+    assert question.status_code == 200 and "set-cookie" not in question.headers
+    assert "Switch to bob?" in question.text and "alice" in question.text
+    assert question.headers["cache-control"] == "no-store"
+    assert browser.cookies[COOKIE_NAME] == alice_cookie and signed_in_as(browser) == "alice"
+    # votes still count for alice
+    pair_id = current_pair(browser)
+    assert browser.post("/api/votes", json={"pair_id": pair_id, **VOTE}).status_code == 201
+    assert {vote.annotator for vote in study.store.votes()} == {"alice"}
+    # a forged confirmation (wrong code, or no cookie: a cross-site form) switches nothing
+    for forged in ({"confirm": "0" * 64}, {}):
+        refused = browser.post(f"/a/{study.bob}", data=forged)
+        assert refused.status_code == 403 and "set-cookie" not in refused.headers
+    cross_site = study.client().post(f"/a/{study.bob}", data={"confirm": "x"})
+    assert cross_site.status_code in (401, 403) and "set-cookie" not in cross_site.headers
+    empty_form = study.client().post(f"/a/{study.bob}")
+    assert empty_form.status_code == 403 and "set-cookie" not in empty_form.headers
+    assert signed_in_as(browser) == "alice"
+    # the explicit confirmation from the page switches
+    confirm = re.search(r'name="confirm" value="([0-9a-f]+)"', question.text).group(1)
+    action = re.search(r'<form method="post" action="([^"]+)"', question.text).group(1)
+    switched = browser.post(action, data={"confirm": confirm})
+    assert switched.status_code == 303 and switched.headers["location"] == "/annotate"
+    assert browser.cookies[COOKIE_NAME] == study.bob and signed_in_as(browser) == "bob"
+    # the same person's link again, or a browser without a valid cookie: no question asked
+    assert browser.get(f"/a/{study.bob}").status_code == 303
+    fresh = study.client()
+    fresh.cookies.set(COOKIE_NAME, "stale-token")
+    assert fresh.get(f"/a/{study.alice}").status_code == 303 and signed_in_as(fresh) == "alice"
+
+
+def test_a_bearer_request_never_sets_a_cookie(study):
+    client = study.client(study.alice)
+    for path in ("/", "/annotate", "/api/next"):
+        response = client.get(path, params={"token": "garbage"})
+        assert response.status_code in (200, 303) and "set-cookie" not in response.headers, path
+    admin = study.client(study.admin)
+    assert "set-cookie" not in admin.get("/admin", params={"token": "garbage"}).headers

@@ -136,3 +136,21 @@ def test_a_vote_of_normal_size_still_goes_through(server):
         vote = {"pair_id": pair_id, "identity": "left", "prompt": "tie", "overall": "right"}
         assert client.post("/api/votes", json=vote).status_code == 201
         assert client.post("/api/votes", json=vote).status_code == 409
+
+
+def test_tokens_never_reach_the_access_log(tmp_path):
+    study = Study(tmp_path)
+    with serve_in_subprocess(study.db, study.pairs_file, extra_args=["--log-level", "info"]) as server:
+        with httpx.Client(base_url=server.base_url, timeout=10) as client:
+            assert client.get(f"/a/{study.token}").status_code == 303
+            client.get("/annotate", params={"token": study.token})
+            client.get(f"/a/{study.token}/", params={"x": "1", "token": study.token})
+            client.post(f"/a/{study.token}", data={"confirm": "0"})
+        deadline = time.monotonic() + 10
+        while "".join(server.output).count('"POST /a/') < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the access log arrives through a pipe
+        log = "".join(server.output)
+    access = [line for line in log.splitlines() if '"GET /a' in line or '"POST /a' in line]
+    assert len(access) == 4, log  # the access log is on and saw the four requests
+    assert study.token not in log, [line for line in access if study.token in line]
+    assert any('"GET /a/' in line for line in access)

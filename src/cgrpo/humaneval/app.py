@@ -2,8 +2,10 @@
 
 Routes (every one except ``/static`` needs a token; ``/static`` holds only the page's CSS and JS):
 
-- ``GET /a/{token}``: the invite link; sets an HttpOnly cookie and redirects to ``/annotate`` (or
-  ``/admin``). A token is also accepted as ``Authorization: Bearer ...`` or ``?token=...``.
+- ``GET /a/{token}``: the invite link, the only way a browser signs in: sets an HttpOnly cookie and
+  redirects to ``/annotate`` (or ``/admin``). A browser already signed in as someone else gets a
+  confirmation page instead, whose form (``POST /a/{token}``) switches. Scripts send the token as
+  ``Authorization: Bearer ...``, which never sets a cookie; a ``?token=`` query is ignored.
 - ``GET /annotate``: the current pair (reference, prompt, two images, three criteria, key legend).
 - ``GET /api/next``: the same as JSON. ``POST /api/votes``: one judgement of a pair on every criterion,
   given as left/tie/right; stored as method A/B. 201 on success, 409 for a second vote.
@@ -13,9 +15,12 @@ Routes (every one except ``/static`` needs a token; ``/static`` holds only the p
 """
 
 import hmac
+import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import parse_qs
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi import Path as PathParam
@@ -166,10 +171,39 @@ class BodyGuardMiddleware:
 
 
 def _request_token(request: Request) -> str | None:
+    """The bearer token or else the cookie; never the query string (it ends up in logs and history)."""
     authorization = request.headers.get("authorization", "")
     if authorization.lower().startswith("bearer "):
         return authorization[7:].strip()
-    return request.query_params.get("token") or request.cookies.get(COOKIE_NAME)
+    return request.cookies.get(COOKIE_NAME)
+
+
+def switch_code(current_token: str, new_token: str) -> str:
+    """What the switch confirmation form must send back: only a page shown to this browser knows it.
+
+    Keyed with the browser's current token, so a form on another site cannot forge a switch.
+    """
+    return hmac.new(current_token.encode(), f"switch:{new_token}".encode(), "sha256").hexdigest()
+
+
+_TOKEN_IN_PATH = re.compile(r"(/a/)[^/?#\s\"]+")
+_TOKEN_IN_QUERY = re.compile(r"([?&]token=)[^&#\s\"]*", re.IGNORECASE)
+
+
+def redact_tokens(text: str) -> str:
+    """Replace the token of an invite link (``/a/TOKEN``) and of a ``token=`` query with ``[redacted]``."""
+    return _TOKEN_IN_QUERY.sub(r"\1[redacted]", _TOKEN_IN_PATH.sub(r"\1[redacted]", text))
+
+
+class RedactTokensFilter(logging.Filter):
+    """Logging filter for uvicorn's handlers: no token reaches a log line (the path is one of the args)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = redact_tokens(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact_tokens(a) if isinstance(a, str) else a for a in record.args)
+        return True
 
 
 def create_app(store: Store, *, session_admin_token: str | None = None, n_boot: int = 2000) -> FastAPI:
@@ -235,34 +269,68 @@ def create_app(store: Store, *, session_admin_token: str | None = None, n_boot: 
         ]
         return JSONResponse({"detail": problems}, 422)
 
-    def with_cookie(response: Response, request: Request) -> Response:
-        """Keep a token that came in the URL as a cookie, so that the page's own requests carry it."""
-        token = request.path_params.get("token") or request.query_params.get("token")
-        if token:
-            response.set_cookie(
-                COOKIE_NAME, token, max_age=COOKIE_MAX_AGE_S, httponly=True, samesite="lax", path="/"
-            )
+    def no_store(response: Response) -> Response:
         response.headers["cache-control"] = "no-store"
         return response
 
-    @app.get("/a/{token}")
-    def invite(token: str, request: Request) -> Response:
+    def sign_in(token: str, who: Principal) -> Response:
+        """The one place that sets the cookie: after an invite link (and, for a switch, its confirmation)."""
+        response = RedirectResponse("/admin" if who.is_admin else "/annotate", status_code=303)
+        response.set_cookie(
+            COOKIE_NAME, token, max_age=COOKIE_MAX_AGE_S, httponly=True, samesite="lax", path="/"
+        )
+        return no_store(response)
+
+    def same_person(first: Principal, second: Principal) -> bool:
+        return (first.annotator_id, first.is_admin, first.name) == (
+            second.annotator_id,
+            second.is_admin,
+            second.name,
+        )
+
+    def invited(token: str) -> Principal:
         who = authenticate(token)
         if who is None:
             raise HTTPException(401, "This invite link is not valid (it may have been replaced).")
-        target = "/admin" if who.is_admin else "/annotate"
-        return with_cookie(RedirectResponse(target, status_code=303), request)
+        return who
+
+    @app.get("/a/{token}")
+    def invite(token: str, request: Request) -> Response:
+        who = invited(token)
+        current_token = request.cookies.get(COOKIE_NAME)
+        current = authenticate(current_token)
+        if current is None or same_person(current, who):
+            return sign_in(token, who)
+        # Signed in as someone else: a link alone must not move this browser's next votes to another name.
+        context = {
+            "name": current.name,
+            "new_name": who.name,
+            "token": token,
+            "confirm": switch_code(current_token, token),
+        }
+        return no_store(templates.TemplateResponse(request, "switch.html", context))
+
+    @app.post("/a/{token}")
+    async def confirm_switch(token: str, request: Request) -> Response:
+        who = await run_in_threadpool(invited, token)
+        current_token = request.cookies.get(COOKIE_NAME) or ""
+        sent = parse_qs((await request.body()).decode("utf-8", "replace")).get("confirm", [""])[0]
+        # Only a browser that holds a cookie and was shown the question can answer it; a form posted from
+        # another site carries no (SameSite=Lax) cookie, so it lands here too and switches nothing.
+        if not current_token or not hmac.compare_digest(sent, switch_code(current_token, token)):
+            raise HTTPException(403, "Switching annotators needs the confirmation on this site's page.")
+        return sign_in(token, who)
 
     @app.get("/")
-    def home(who: Annotated[Principal, Depends(principal)], request: Request) -> Response:
-        return with_cookie(RedirectResponse("/admin" if who.is_admin else "/annotate", 303), request)
+    def home(who: Annotated[Principal, Depends(principal)]) -> Response:
+        return no_store(RedirectResponse("/admin" if who.is_admin else "/annotate", 303))
 
     @app.get("/annotate", response_class=HTMLResponse)
     def annotate(who: Annotated[Principal, Depends(annotator)], request: Request) -> Response:
         assignment = store.next_assignment(who.annotator_id)
         if assignment.pair is None:
             context = {"name": who.name, "total": assignment.total}
-            return with_cookie(templates.TemplateResponse(request, "done.html", context), request)
+            return no_store(templates.TemplateResponse(request, "done.html", context))
         context = {
             "name": who.name,
             "pair": assignment.pair,
@@ -271,7 +339,7 @@ def create_app(store: Store, *, session_admin_token: str | None = None, n_boot: 
             "total": assignment.total,
             "criteria": [(c, CRITERION_LABELS[c], SHORTCUTS[c]) for c in CRITERIA],
         }
-        return with_cookie(templates.TemplateResponse(request, "annotate.html", context), request)
+        return no_store(templates.TemplateResponse(request, "annotate.html", context))
 
     @app.get("/api/next")
     def next_pair(who: Annotated[Principal, Depends(annotator)]) -> dict[str, object]:
@@ -328,7 +396,7 @@ def create_app(store: Store, *, session_admin_token: str | None = None, n_boot: 
     def admin_page(who: Annotated[Principal, Depends(admin)], request: Request) -> Response:
         results = build_results(store, n_boot=n_boot)
         context = {"name": who.name, "results": results, "labels": CRITERION_LABELS, "criteria": CRITERIA}
-        return with_cookie(templates.TemplateResponse(request, "admin.html", context), request)
+        return no_store(templates.TemplateResponse(request, "admin.html", context))
 
     @app.get("/admin/results.json")
     def admin_json(who: Annotated[Principal, Depends(admin)]) -> Response:

@@ -153,8 +153,22 @@ def serve(
         host=host,
         port=port,
         log_level=log_level,
+        log_config=_log_config(),
         timeout_graceful_shutdown=5,
     )
+
+
+def _log_config() -> dict:
+    """uvicorn's own logging setup with a filter that redacts tokens from every line (access log too)."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config.setdefault("filters", {})["redact_tokens"] = {"()": "cgrpo.humaneval.app.RedactTokensFilter"}
+    for handler in config["handlers"].values():
+        handler.setdefault("filters", []).append("redact_tokens")
+    return config
 
 
 @app.command()

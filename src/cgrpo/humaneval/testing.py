@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,7 +127,11 @@ class ServerProcess:
 
 @contextmanager
 def serve_in_subprocess(
-    db: Path, pairs: Path | None = None, *, startup_timeout_s: float = 30.0
+    db: Path,
+    pairs: Path | None = None,
+    *,
+    extra_args: Sequence[str] = (),
+    startup_timeout_s: float = 30.0,
 ) -> Iterator[ServerProcess]:
     """Run ``python -m cgrpo.humaneval serve`` on a free loopback port until the block exits."""
     import httpx
@@ -136,6 +140,7 @@ def serve_in_subprocess(
     command = [sys.executable, "-m", "cgrpo.humaneval", "serve", "--db", str(db), "--port", str(port)]
     if pairs is not None:
         command += ["--pairs", str(pairs)]
+    command += list(extra_args)
     env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     output: list[str] = []
