@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 from typer.testing import CliRunner
 
 from cgrpo.humaneval.app import COOKIE_NAME, create_app
 from cgrpo.humaneval.cli import app as cli_app
+from cgrpo.humaneval.images import ImagePolicy
 from cgrpo.humaneval.pairs import make_pairs, read_eval_run, write_pairs
 from cgrpo.humaneval.store import Store
 from cgrpo.humaneval.testing import grid_keys, write_eval_run
@@ -28,7 +30,8 @@ class Study:
         self.pairs_file = write_pairs(root / "pairs.jsonl", self.pairs)
         self.db = root / "study.sqlite"
         self.store = Store(self.db)
-        self.store.register_pairs(self.pairs)
+        self.images = ImagePolicy(roots=(root / "eval_a", root / "eval_b"), size=64)
+        self.store.register_pairs(self.pairs, images=self.images)
         self.alice = self.store.add_annotator("alice")
         self.bob = self.store.add_annotator("bob")
         self.admin = self.store.add_annotator("lead", admin=True)
@@ -176,8 +179,9 @@ def test_images_are_served_by_slot_and_reload_keeps_the_order(study):
     client = study.client(study.alice)
     pair_id = current_pair(client)
     pair = study.store.get_pair(pair_id)
-    a_bytes, b_bytes = Path(pair.image_a).read_bytes(), Path(pair.image_b).read_bytes()
-    assert a_bytes != b_bytes
+    # what the study stored when it was created: the files re-encoded, not the files themselves
+    a_bytes, b_bytes = study.images.encode(pair.image_a), study.images.encode(pair.image_b)
+    assert a_bytes != b_bytes and a_bytes != Path(pair.image_a).read_bytes()
     left = client.get(f"/img/{pair_id}/left")
     assert left.status_code == 200 and left.headers["content-type"] == "image/png"
     assert left.headers["cache-control"] == "no-store"
@@ -186,7 +190,7 @@ def test_images_are_served_by_slot_and_reload_keeps_the_order(study):
     for _ in range(3):  # reloads (and a second call of /api/next) show the same order
         assert current_pair(client) == pair_id
         assert client.get(f"/img/{pair_id}/left").content == left.content
-    assert client.get(f"/img/{pair_id}/reference").content == Path(pair.reference).read_bytes()
+    assert client.get(f"/img/{pair_id}/reference").content == study.images.encode(pair.reference)
     # annotators cannot ask for a method by name, nor for a pair they were not shown
     assert client.get(f"/img/{pair_id}/a").status_code == 404
     unseen = next(p.pair_id for p in study.pairs if p.pair_id != pair_id)
@@ -333,7 +337,8 @@ def test_cli_serve_refuses_a_study_without_pairs_or_with_changed_pairs(study, tm
     record = json.loads(study.pairs_file.read_text().splitlines()[0])
     changed = tmp_path / "changed.jsonl"
     changed.write_text(json.dumps(record | {"prompt": "another prompt"}) + "\n")
-    refused = runner.invoke(cli_app, ["serve", "--db", str(study.db), "--pairs", str(changed)])
+    runs = ["--runs", str(tmp_path / "eval_a"), "--runs", str(tmp_path / "eval_b")]
+    refused = runner.invoke(cli_app, ["serve", "--db", str(study.db), "--pairs", str(changed), *runs])
     assert refused.exit_code == 2 and "with a different prompt" in refused.output
 
 
@@ -450,3 +455,124 @@ def test_a_bearer_request_never_sets_a_cookie(study):
         assert response.status_code in (200, 303) and "set-cookie" not in response.headers, path
     admin = study.client(study.admin)
     assert "set-cookie" not in admin.get("/admin", params={"token": "garbage"}).headers
+
+
+@pytest.fixture
+def no_uvicorn(monkeypatch):
+    """`serve` runs every check, then hands its app to this stub instead of starting a server."""
+    import uvicorn
+
+    started: list[dict[str, object]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: started.append({"app": app, **options}))
+    return started
+
+
+def edit_first_pair(pairs_file: Path, **changes: str) -> Path:
+    lines = pairs_file.read_text().splitlines()
+    lines[0] = json.dumps(json.loads(lines[0]) | changes)
+    pairs_file.write_text("\n".join(lines) + "\n")
+    return pairs_file
+
+
+@pytest.mark.parametrize("kind", ["passwd", "symlink out", "html", "svg", "js", "html named png"])
+def test_serve_accepts_only_raster_images_inside_the_runs(tmp_path, no_uvicorn, kind):
+    keys = grid_keys(2, 2)
+    run_a = write_eval_run(tmp_path / "eval_a", "alphamethod", keys, size=24)
+    run_b = write_eval_run(tmp_path / "eval_b", "betamethod", keys, size=24)
+    pairs_file = write_pairs(tmp_path / "pairs.jsonl", make_pairs(read_eval_run(run_a), read_eval_run(run_b)))
+    outside = tmp_path / "private.png"
+    Image.new("RGB", (8, 8)).save(outside)
+    planted = {
+        "passwd": "/etc/passwd",
+        "symlink out": run_b / "images" / "link.png",
+        "html": run_b / "images" / "x.html",
+        "svg": run_b / "images" / "x.svg",
+        "js": run_b / "images" / "x.js",
+        "html named png": run_b / "images" / "x.png",
+    }[kind]
+    if kind == "symlink out":
+        planted.symlink_to(outside)
+    elif kind != "passwd":
+        planted.write_text("<html><script src='/img/x/left'></script></html>")
+    edit_first_pair(pairs_file, image_b=str(planted))
+    db = tmp_path / "study.sqlite"
+    args = ["serve", "--db", str(db), "--pairs", str(pairs_file), "--runs", str(run_a), "--runs", str(run_b)]
+    result = CliRunner().invoke(cli_app, args)
+    assert result.exit_code == 2, result.output
+    assert "pairs.jsonl line 1" in result.output and Path(planted).name in result.output, result.output
+    assert no_uvicorn == [] and Store(db).pairs() == []  # nothing registered, nothing served
+
+
+def test_serve_needs_the_runs_the_images_come_from(study, tmp_path, no_uvicorn):
+    result = CliRunner().invoke(
+        cli_app, ["serve", "--db", str(tmp_path / "new.sqlite"), "--pairs", str(study.pairs_file)]
+    )
+    assert result.exit_code == 2 and "--runs" in result.output, result.output
+    assert no_uvicorn == []
+
+
+def test_the_image_route_only_answers_raster_image_types(tmp_path, no_uvicorn):
+    # real images whose names say otherwise: served re-encoded, as image/png whatever the name
+    keys = grid_keys(1, 3)
+    run_a = write_eval_run(tmp_path / "a", "A", keys, size=24)
+    run_b = write_eval_run(tmp_path / "b", "B", keys, size=24, tint=(60, 60, 60))
+    renamed = {0: "page.html", 1: "logo.svg", 2: "app.js"}
+    for number, name in renamed.items():
+        (run_b / "images" / f"{number}.png").rename(run_b / "images" / name)
+    scores = (run_b / "scores.csv").read_text()
+    for number, name in renamed.items():
+        scores = scores.replace(f"images/{number}.png", f"images/{name}")
+    (run_b / "scores.csv").write_text(scores)
+    pairs_file = write_pairs(tmp_path / "pairs.jsonl", make_pairs(read_eval_run(run_a), read_eval_run(run_b)))
+    db = tmp_path / "study.sqlite"
+    with Store(db) as store:
+        token = store.add_annotator("alice")
+        admin_token = store.add_annotator("lead", admin=True)
+    args = ["serve", "--db", str(db), "--pairs", str(pairs_file), "--runs", str(run_a), "--runs", str(run_b)]
+    result = CliRunner().invoke(cli_app, args)
+    assert result.exit_code == 0, result.output
+    [started] = no_uvicorn
+    client = TestClient(started["app"], headers={"authorization": f"Bearer {token}"})
+    admin = TestClient(started["app"], headers={"authorization": f"Bearer {admin_token}"})
+    served = []
+    while (pair_id := current_pair(client)) is not None:
+        served += [client.get(f"/img/{pair_id}/{slot}") for slot in ("reference", "left", "right")]
+        served += [admin.get(f"/img/{pair_id}/{slot}") for slot in ("a", "b")]
+        client.post("/api/votes", json={"pair_id": pair_id, **VOTE})
+    assert len(served) == 15
+    for response in served:
+        assert response.status_code == 200
+        assert response.headers["content-type"] in ("image/png", "image/jpeg", "image/webp")
+        kind = response.headers["content-type"].split("/")[1].upper()
+        with Image.open(io.BytesIO(response.content)) as image:
+            assert image.format == kind
+
+
+def test_a_study_registered_without_images_is_served_only_after_importing_them(tmp_path, no_uvicorn):
+    # what an older cgrpo left behind: pairs whose images were never stored in the database
+    keys = grid_keys(1, 2)
+    run_a = write_eval_run(tmp_path / "a", "A", keys, size=24)
+    run_b = write_eval_run(tmp_path / "b", "B", keys, size=24, tint=(60, 60, 60))
+    pairs = make_pairs(read_eval_run(run_a), read_eval_run(run_b))
+    pairs_file = write_pairs(tmp_path / "pairs.jsonl", pairs)
+    db = tmp_path / "study.sqlite"
+    with Store(db) as store:
+        store.register_pairs(pairs)
+    runner = CliRunner()
+    refused = runner.invoke(cli_app, ["serve", "--db", str(db)])
+    assert refused.exit_code == 2 and "2 pair(s) registered without their images" in refused.output
+    assert no_uvicorn == []
+    runs = ["--runs", str(run_a), "--runs", str(run_b), "--image-size", "96"]
+    imported = runner.invoke(cli_app, ["serve", "--db", str(db), "--pairs", str(pairs_file), *runs])
+    assert imported.exit_code == 0, imported.output
+    assert "registered 0 new pair(s)" in imported.output and len(no_uvicorn) == 1
+    with Store(db) as store:
+        assert store.pairs_without_images() == 0 and store.image_size() == 96
+        pair = store.pairs()[0]
+        with Image.open(io.BytesIO(store.image(pair.image_b_sha))) as image:
+            assert image.size == (96, 96)
+    # the study's images keep one size: a later import at another size is refused
+    other = runner.invoke(
+        cli_app, ["serve", "--db", str(db), "--pairs", str(pairs_file), *runs[:4], "--image-size", "128"]
+    )
+    assert other.exit_code == 2 and "stores its images at 96 px" in other.output

@@ -53,7 +53,8 @@ def test_annotator_votes_with_the_keyboard_in_chromium(tmp_path: Path):
 
     shown: list[str] = []
     console_errors: list[str] = []
-    with serve_in_subprocess(db, pairs_file) as server, sync_api.sync_playwright() as playwright:
+    runs = [tmp_path / "eval_a", tmp_path / "eval_b"]
+    with serve_in_subprocess(db, pairs_file, runs=runs) as server, sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})

@@ -25,6 +25,7 @@ class Study:
         keys = grid_keys(2, 1)
         self.run_a = write_eval_run(root / "eval_a", "alphamethod", keys, size=16)
         self.run_b = write_eval_run(root / "eval_b", "betamethod", keys, size=16, tint=(60, 60, 60))
+        self.runs = [self.run_a, self.run_b]
         self.pairs_file = write_pairs(
             root / "pairs.jsonl", make_pairs(read_eval_run(self.run_a), read_eval_run(self.run_b))
         )
@@ -36,7 +37,7 @@ class Study:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     study = Study(tmp_path_factory.mktemp("security"))
-    with serve_in_subprocess(study.db, study.pairs_file) as running:
+    with serve_in_subprocess(study.db, study.pairs_file, runs=study.runs) as running:
         running.study = study
         yield running
 
@@ -140,7 +141,9 @@ def test_a_vote_of_normal_size_still_goes_through(server):
 
 def test_tokens_never_reach_the_access_log(tmp_path):
     study = Study(tmp_path)
-    with serve_in_subprocess(study.db, study.pairs_file, extra_args=["--log-level", "info"]) as server:
+    with serve_in_subprocess(
+        study.db, study.pairs_file, runs=study.runs, extra_args=["--log-level", "info"]
+    ) as server:
         with httpx.Client(base_url=server.base_url, timeout=10) as client:
             assert client.get(f"/a/{study.token}").status_code == 303
             client.get("/annotate", params={"token": study.token})

@@ -10,7 +10,8 @@ Routes (every one except ``/static`` needs a token; ``/static`` holds only the p
 - ``GET /api/next``: the same as JSON. ``POST /api/votes``: one judgement of a pair on every criterion,
   given as left/tie/right; stored as method A/B. 201 on success, 409 for a second vote.
 - ``GET /img/{pair_id}/{slot}``: slot ``reference``, ``left`` or ``right`` (annotators, only for pairs
-  shown to them) or ``a``/``b`` (admins). Files come from the pairs table, never from the request.
+  shown to them) or ``a``/``b`` (admins). Always ``image/png``: the bytes stored in the study database
+  when its pairs were registered (``images``), never a file named by a path.
 - ``GET /admin``, ``/admin/results.json``, ``/admin/results.csv``: results (admins only).
 """
 
@@ -25,7 +26,7 @@ from urllib.parse import parse_qs
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, ConfigDict, Field
@@ -35,6 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cgrpo.humaneval.export import build_results, results_to_csv
+from cgrpo.humaneval.images import SERVED_MEDIA_TYPE
 from cgrpo.humaneval.pairs import PAIR_ID_PATTERN
 from cgrpo.humaneval.store import (
     CRITERIA,
@@ -378,19 +380,23 @@ def create_app(store: Store, *, session_admin_token: str | None = None, n_boot: 
         pair = store.get_pair(pair_id)
         if pair is None:
             raise HTTPException(404, "No such pair.")
+        a, b = pair.image_a_sha, pair.image_b_sha
         if who.is_admin:
-            files = {"reference": pair.reference, "a": pair.image_a, "b": pair.image_b}
+            images = {"reference": pair.reference_sha, "a": a, "b": b}
         else:
             # Annotators address images by screen side only, so that a URL never reveals the method.
             a_on_left = store.shown_layout(who.annotator_id, pair_id)
             if a_on_left is None:
                 raise HTTPException(404, "No such image.")
-            left, right = (pair.image_a, pair.image_b) if a_on_left else (pair.image_b, pair.image_a)
-            files = {"reference": pair.reference, "left": left, "right": right}
-        path = files.get(slot)
-        if path is None or not Path(path).is_file():
+            left, right = (a, b) if a_on_left else (b, a)
+            images = {"reference": pair.reference_sha, "left": left, "right": right}
+        sha = images.get(slot)
+        data = None if sha is None else store.image(sha)
+        if data is None:
             raise HTTPException(404, "No such image.")
-        return FileResponse(path, headers={"cache-control": "no-store"})
+        # The bytes re-encoded when the study was created: one format and size, no file date, name or
+        # metadata, so nothing but the pixels can tell the two methods apart; never cached.
+        return Response(data, media_type=SERVED_MEDIA_TYPE, headers={"cache-control": "no-store"})
 
     @app.get("/admin", response_class=HTMLResponse)
     def admin_page(who: Annotated[Principal, Depends(admin)], request: Request) -> Response:

@@ -22,6 +22,14 @@ console = Console(soft_wrap=True, highlight=False, markup=False)
 err_console = Console(stderr=True, soft_wrap=True, highlight=False, markup=False)
 
 DbOption = Annotated[Path, typer.Option("--db", help="The study's SQLite database (created if missing).")]
+ReferencesOption = Annotated[
+    list[Path],
+    typer.Option(
+        "--references",
+        help="A folder the reference images may come from besides the runs (e.g. the DreamBench dataset); "
+        "repeatable.",
+    ),
+]
 
 
 def _fail(message: str) -> None:
@@ -54,14 +62,20 @@ def make_pairs_command(
     out: Annotated[Path, typer.Option("--out", help="pairs.jsonl to write.")] = Path("pairs.jsonl"),
     max_pairs: Annotated[int | None, typer.Option(min=1, help="Keep a random subset of this size.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random subset.")] = 0,
+    references: ReferencesOption = None,
 ) -> None:
-    """Pair the images of two evaluation runs by (subject, prompt, seed)."""
+    """Pair the images of two evaluation runs by (subject, prompt, seed); every image is checked."""
     _require_extra()
-    from cgrpo.humaneval.pairs import PairsError, make_pairs, read_eval_run, write_pairs
+    from cgrpo.humaneval.images import ImagePolicy
+    from cgrpo.humaneval.pairs import PairsError, check_pair_images, make_pairs, read_eval_run, write_pairs
 
+    reference_roots = tuple(references or ())
     try:
-        first, second = read_eval_run(run_a), read_eval_run(run_b)
+        first = read_eval_run(run_a, reference_roots=reference_roots)
+        second = read_eval_run(run_b, reference_roots=reference_roots)
         pairs = make_pairs(first, second, max_pairs=max_pairs, seed=seed)
+        roots = (first.directory, second.directory, *reference_roots)
+        check_pair_images(first, second, pairs, ImagePolicy(roots=roots))
     except PairsError as error:
         _fail(str(error))
     write_pairs(out, pairs)
@@ -116,6 +130,21 @@ def serve(
         str, typer.Option(help="Interface to bind; the default is this machine only.")
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8080,
+    runs: Annotated[
+        list[Path],
+        typer.Option(
+            "--runs",
+            help="An eval run the pairs' images come from (repeat for both runs); needed with --pairs. "
+            "Images elsewhere, symlinks out included, are refused.",
+        ),
+    ] = None,
+    references: ReferencesOption = None,
+    image_size: Annotated[
+        int | None,
+        typer.Option(
+            min=64, max=2048, help="Every image is served as a PNG of this many pixels square (default 512)."
+        ),
+    ] = None,
     n_boot: Annotated[int, typer.Option(min=100, help="Bootstrap resamples for the admin page.")] = 2000,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
 ) -> None:
@@ -124,19 +153,20 @@ def serve(
     import uvicorn
 
     from cgrpo.humaneval.app import create_app
-    from cgrpo.humaneval.pairs import PairsError, read_pairs
-    from cgrpo.humaneval.store import StoreError, new_token
+    from cgrpo.humaneval.store import new_token
 
     store = _open_store(db)
     if pairs is not None:
-        try:
-            added = store.register_pairs(read_pairs(pairs))
-        except (PairsError, StoreError) as error:
-            _fail(str(error))
-        console.print(f"registered {added} new pair(s) from {pairs}")
+        _register(store, pairs, tuple(runs or ()), tuple(references or ()), image_size)
     registered = store.pairs()
     if not registered:
         _fail(f"{db} has no pairs yet; pass --pairs pairs.jsonl (from `cgrpo humaneval make-pairs`).")
+    missing = store.pairs_without_images()
+    if missing:
+        _fail(
+            f"{db} has {missing} pair(s) registered without their images (by an older cgrpo); import them "
+            "with --pairs pairs.jsonl --runs RUN_A --runs RUN_B."
+        )
     if not _is_loopback(host):
         err_console.print(
             Text.assemble(("warning: ", "yellow"), f"binding {host} exposes the study beyond this machine.")
@@ -156,6 +186,39 @@ def serve(
         log_config=_log_config(),
         timeout_graceful_shutdown=5,
     )
+
+
+def _register(store, pairs: Path, runs: tuple[Path, ...], references: tuple[Path, ...], size: int | None):
+    """Check every image of ``pairs`` (inside ``runs``, a raster image), re-encode it into the study, or fail.
+
+    All or nothing: one bad image anywhere leaves the study database as it was.
+    """
+    from cgrpo.humaneval.images import DEFAULT_IMAGE_SIZE, ImageError, ImagePolicy, resolve_inside
+    from cgrpo.humaneval.pairs import PairsError, read_numbered_pairs
+    from cgrpo.humaneval.store import StoreError
+
+    try:
+        numbered = read_numbered_pairs(pairs)
+    except PairsError as error:
+        _fail(str(error))
+    if not runs:
+        _fail(f"--pairs {pairs} needs --runs RUN_A --runs RUN_B: the eval runs its images may come from.")
+    line_of: dict[str, int] = {}
+    for line, pair in numbered:
+        for path, roots in ((pair.image_a, runs), (pair.image_b, runs), (pair.reference, runs + references)):
+            line_of.setdefault(path, line)
+            try:
+                resolve_inside(path, roots)
+            except ImageError as error:
+                _fail(f"{pairs} line {line}: {error}")
+    policy = ImagePolicy(roots=runs + references, size=size or store.image_size() or DEFAULT_IMAGE_SIZE)
+    try:
+        added = store.register_pairs([pair for _, pair in numbered], images=policy)
+    except ImageError as error:
+        _fail(f"{pairs} line {line_of.get(error.path, '?')}: {error}")
+    except StoreError as error:
+        _fail(str(error))
+    console.print(f"registered {added} new pair(s) from {pairs}; images served at {policy.size} px")
 
 
 def _log_config() -> dict:
