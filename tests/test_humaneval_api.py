@@ -532,8 +532,9 @@ def test_the_image_route_only_answers_raster_image_types(tmp_path, no_uvicorn):
     result = CliRunner().invoke(cli_app, args)
     assert result.exit_code == 0, result.output
     [started] = no_uvicorn
-    client = TestClient(started["app"], headers={"authorization": f"Bearer {token}"})
-    admin = TestClient(started["app"], headers={"authorization": f"Bearer {admin_token}"})
+    local = "http://127.0.0.1:8080"  # the app answers only for its own host names
+    client = TestClient(started["app"], base_url=local, headers={"authorization": f"Bearer {token}"})
+    admin = TestClient(started["app"], base_url=local, headers={"authorization": f"Bearer {admin_token}"})
     served = []
     while (pair_id := current_pair(client)) is not None:
         served += [client.get(f"/img/{pair_id}/{slot}") for slot in ("reference", "left", "right")]
@@ -576,3 +577,45 @@ def test_a_study_registered_without_images_is_served_only_after_importing_them(t
         cli_app, ["serve", "--db", str(db), "--pairs", str(pairs_file), *runs[:4], "--image-size", "128"]
     )
     assert other.exit_code == 2 and "stores its images at 96 px" in other.output
+
+
+def test_the_cookie_is_secure_when_the_app_is_served_over_https(study, tmp_path, no_uvicorn):
+    def cookie_of(client: TestClient) -> str:
+        response = client.get(f"/a/{study.alice}")
+        assert response.status_code == 303
+        return response.headers["set-cookie"]
+
+    assert "secure" not in cookie_of(study.client()).lower()  # plain http on this machine
+    # behind a TLS proxy uvicorn takes the scheme from X-Forwarded-Proto: the request says https
+    https = TestClient(study.app, base_url="https://testserver", follow_redirects=False)
+    assert "; secure" in cookie_of(https).lower()
+    flagged = create_app(study.store, secure_cookies=True)
+    assert "; secure" in cookie_of(TestClient(flagged, follow_redirects=False)).lower()
+    result = CliRunner().invoke(cli_app, ["serve", "--db", str(study.db), "--secure-cookies"])
+    assert result.exit_code == 0, result.output
+    served = TestClient(no_uvicorn[-1]["app"], base_url="http://127.0.0.1", follow_redirects=False)
+    assert "; secure" in cookie_of(served).lower()
+
+
+def test_serve_answers_only_for_the_allowed_host_names(study, no_uvicorn):
+    runner = CliRunner()
+    assert runner.invoke(cli_app, ["serve", "--db", str(study.db)]).exit_code == 0
+    default = no_uvicorn[-1]["app"]
+    for base, status in (
+        ("http://127.0.0.1:8080", 401),
+        ("http://localhost", 401),
+        ("http://evil.example", 400),
+    ):
+        assert TestClient(default, base_url=base).get("/annotate").status_code == status, base
+    # an explicit list replaces the defaults; the host of the base URL (where links point) stays allowed
+    args = ["serve", "--db", str(study.db), "--allowed-hosts", "study.example.org,[::1]"]
+    assert runner.invoke(cli_app, args).exit_code == 0
+    named = no_uvicorn[-1]["app"]
+    for base, status in (
+        ("https://study.example.org", 401),
+        ("http://[::1]:8080", 401),
+        ("http://127.0.0.1:8080", 401),
+        ("http://localhost", 400),
+        ("http://evil.example", 400),
+    ):
+        assert TestClient(named, base_url=base).get("/annotate").status_code == status, base

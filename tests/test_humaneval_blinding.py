@@ -66,26 +66,23 @@ def write_run(directory: Path, method: str, rows: list[dict], day: float) -> Pat
     return directory
 
 
-def study_client(tmp_path: Path, run_a: Path, run_b: Path) -> tuple[TestClient, Store, int]:
-    store = Store(tmp_path / "study.sqlite")
-    pairs = make_pairs(read_eval_run(run_a), read_eval_run(run_b))
-    assert len(pairs) == N_PAIRS
-    store.register_pairs(pairs, images=ImagePolicy(roots=(run_a, run_b), size=SERVED_SIZE))
+def annotate_everything(store: Store, policy: ImagePolicy, run_a: Path, run_b: Path) -> tuple[list, int]:
+    """Create the study, then return what an annotator's browser receives for every pair (the three image
+    responses; a vote after each) and the annotator's id."""
+    store.register_pairs(make_pairs(read_eval_run(run_a), read_eval_run(run_b)), images=policy)
     token = store.add_annotator("alice")
-    client = TestClient(create_app(store, n_boot=100), headers={"authorization": f"Bearer {token}"})
-    return client, store, store.authenticate(token).annotator_id
-
-
-def annotate_everything(client: TestClient) -> list[dict[str, object]]:
-    """What an annotator's browser receives for every pair: the three image responses, then a vote."""
     seen = []
-    while (pair_id := client.get("/api/next").json()["pair_id"]) is not None:
-        responses = {slot: client.get(f"/img/{pair_id}/{slot}") for slot in ("reference", "left", "right")}
-        assert all(response.status_code == 200 for response in responses.values())
-        seen.append({"pair_id": pair_id, **responses})
-        vote = {"pair_id": pair_id, "identity": "tie", "prompt": "tie", "overall": "tie"}
-        assert client.post("/api/votes", json=vote).status_code == 201
-    return seen
+    # one client for all requests: one event loop and thread pool, so one database connection per thread
+    with TestClient(create_app(store, n_boot=100), headers={"authorization": f"Bearer {token}"}) as client:
+        while (pair_id := client.get("/api/next").json()["pair_id"]) is not None:
+            responses = {
+                slot: client.get(f"/img/{pair_id}/{slot}") for slot in ("reference", "left", "right")
+            }
+            assert all(response.status_code == 200 for response in responses.values())
+            seen.append({"pair_id": pair_id, **responses})
+            vote = {"pair_id": pair_id, "identity": "tie", "prompt": "tie", "overall": "tie"}
+            assert client.post("/api/votes", json=vote).status_code == 201
+    return seen, store.authenticate(token).annotator_id
 
 
 def observations(response) -> dict[str, object]:
@@ -159,10 +156,11 @@ def test_the_method_cannot_be_told_from_image_responses(tmp_path):
     write_run(run_a, "alphamethod", rows_a, DAY_A)
     write_run(run_b, "betamethod", rows_b, DAY_B)
 
-    client, store, annotator = study_client(tmp_path, run_a, run_b)
-    seen = annotate_everything(client)
+    with Store(tmp_path / "study.sqlite") as store:
+        policy = ImagePolicy(roots=(run_a, run_b), size=SERVED_SIZE)
+        seen, annotator = annotate_everything(store, policy, run_a, run_b)
+        a_on_left = {item["pair_id"]: store.shown_layout(annotator, item["pair_id"]) for item in seen}
     assert len(seen) == N_PAIRS
-    a_on_left = {item["pair_id"]: store.shown_layout(annotator, item["pair_id"]) for item in seen}
     assert 0 < sum(a_on_left.values()) < N_PAIRS  # both layouts occur (2^-23 otherwise)
 
     rates = identification_rates(seen, a_on_left)
@@ -205,14 +203,9 @@ def test_identical_pixels_get_identical_responses(tmp_path, served_size):
         rows_b.append(common | {"image": f"images/{number:03d}.webp", "reference": "ref.jpg"})
     write_run(run_a, "A", rows_a, DAY_A)
     write_run(run_b, "B", rows_b, DAY_B)
-    store = Store(tmp_path / "study.sqlite")
-    store.register_pairs(
-        make_pairs(read_eval_run(run_a), read_eval_run(run_b)),
-        images=ImagePolicy(roots=(run_a, run_b), size=served_size),
-    )
-    token = store.add_annotator("alice")
-    client = TestClient(create_app(store, n_boot=100), headers={"authorization": f"Bearer {token}"})
-    seen = annotate_everything(client)
+    with Store(tmp_path / "study.sqlite") as store:
+        policy = ImagePolicy(roots=(run_a, run_b), size=served_size)
+        seen, _ = annotate_everything(store, policy, run_a, run_b)
     assert len(seen) == 20
     for item in seen:
         left, right = item["left"], item["right"]

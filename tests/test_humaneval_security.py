@@ -12,7 +12,9 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from typer.testing import CliRunner
 
+from cgrpo.humaneval.cli import app as cli_app
 from cgrpo.humaneval.pairs import make_pairs, read_eval_run, write_pairs
 from cgrpo.humaneval.store import Store
 from cgrpo.humaneval.testing import grid_keys, serve_in_subprocess, write_eval_run
@@ -71,8 +73,11 @@ def post(
     with socket.create_connection((url.hostname, url.port), timeout=answer_timeout_s) as sock:
         sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
 
+        poller = select.poll()  # not select.select: the suite's other tests may have pushed fds past 1024
+        poller.register(sock, select.POLLIN)
+
         def answered(wait_s: float) -> bool:
-            return bool(select.select([sock], [], [], wait_s)[0])
+            return bool(poller.poll(wait_s * 1000))
 
         # The head alone may be enough for the server to answer: give it a moment before any body byte.
         if not answered(0.5):
@@ -157,3 +162,24 @@ def test_tokens_never_reach_the_access_log(tmp_path):
     assert len(access) == 4, log  # the access log is on and saw the four requests
     assert study.token not in log, [line for line in access if study.token in line]
     assert any('"GET /a/' in line for line in access)
+
+
+def test_the_server_answers_only_for_its_own_host_names(server):
+    port = urlsplit(server.base_url).port
+    with httpx.Client(base_url=server.base_url, timeout=10) as client:
+        # a page of another site whose name resolves to 127.0.0.1 (DNS rebinding) sends its own Host
+        for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example"):
+            refused = client.get("/annotate", headers={"host": host})
+            assert refused.status_code == 400, host
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}"):
+            assert client.get("/annotate", headers={"host": host}).status_code == 401, host  # no token yet
+
+
+def test_invite_prints_a_link_to_where_the_server_runs(server):
+    result = CliRunner().invoke(cli_app, ["invite", "--db", str(server.study.db), "--name", "carol"])
+    assert result.exit_code == 0, result.output
+    link = result.stdout.strip().splitlines()[-1]
+    assert link.startswith(f"{server.base_url}/a/"), (link, server.base_url)
+    with httpx.Client(timeout=10) as client:
+        opened = client.get(link)
+    assert opened.status_code == 303 and opened.headers["location"] == "/annotate"

@@ -18,7 +18,7 @@ Routes (every one except ``/static`` needs a token; ``/static`` holds only the p
 import hmac
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import parse_qs
@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cgrpo.humaneval.export import build_results, results_to_csv
@@ -208,8 +209,20 @@ class RedactTokensFilter(logging.Filter):
         return True
 
 
-def create_app(store: Store, *, session_admin_token: str | None = None, n_boot: int = 2000) -> FastAPI:
-    """Build the app over ``store``. ``session_admin_token`` is an admin token valid for this process only."""
+def create_app(
+    store: Store,
+    *,
+    session_admin_token: str | None = None,
+    n_boot: int = 2000,
+    secure_cookies: bool = False,
+    allowed_hosts: Sequence[str] | None = None,
+) -> FastAPI:
+    """Build the app over ``store``. ``session_admin_token`` is an admin token valid for this process only.
+
+    ``secure_cookies``: mark the cookie ``Secure`` (it is anyway on a request that arrived over https,
+    e.g. from a TLS proxy whose ``X-Forwarded-Proto`` uvicorn trusts). ``allowed_hosts``: the host names
+    the app answers for (400 otherwise, against DNS rebinding); None answers for any.
+    """
     app = FastAPI(title="cgrpo human evaluation", docs_url=None, redoc_url=None, openapi_url=None)
     app.mount("/static", StaticFiles(directory=PACKAGE_DIR / "static"), name="static")
     templates = Jinja2Templates(directory=PACKAGE_DIR / "templates")
@@ -224,6 +237,8 @@ def create_app(store: Store, *, session_admin_token: str | None = None, n_boot: 
 
     # Starlette runs the last-added middleware first: security headers on every answer, refusals included.
     app.add_middleware(BodyGuardMiddleware, authenticate=authenticate, max_bytes=MAX_BODY_BYTES)
+    if allowed_hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts), www_redirect=False)
     app.add_middleware(SecurityHeadersMiddleware)
 
     def principal(request: Request) -> Principal:
@@ -275,11 +290,18 @@ def create_app(store: Store, *, session_admin_token: str | None = None, n_boot: 
         response.headers["cache-control"] = "no-store"
         return response
 
-    def sign_in(token: str, who: Principal) -> Response:
+    def sign_in(token: str, who: Principal, request: Request) -> Response:
         """The one place that sets the cookie: after an invite link (and, for a switch, its confirmation)."""
         response = RedirectResponse("/admin" if who.is_admin else "/annotate", status_code=303)
+        secure = secure_cookies or request.url.scheme == "https"
         response.set_cookie(
-            COOKIE_NAME, token, max_age=COOKIE_MAX_AGE_S, httponly=True, samesite="lax", path="/"
+            COOKIE_NAME,
+            token,
+            max_age=COOKIE_MAX_AGE_S,
+            httponly=True,
+            samesite="lax",
+            path="/",
+            secure=secure,
         )
         return no_store(response)
 
@@ -302,7 +324,7 @@ def create_app(store: Store, *, session_admin_token: str | None = None, n_boot: 
         current_token = request.cookies.get(COOKIE_NAME)
         current = authenticate(current_token)
         if current is None or same_person(current, who):
-            return sign_in(token, who)
+            return sign_in(token, who, request)
         # Signed in as someone else: a link alone must not move this browser's next votes to another name.
         context = {
             "name": current.name,
@@ -321,7 +343,7 @@ def create_app(store: Store, *, session_admin_token: str | None = None, n_boot: 
         # another site carries no (SameSite=Lax) cookie, so it lands here too and switches nothing.
         if not current_token or not hmac.compare_digest(sent, switch_code(current_token, token)):
             raise HTTPException(403, "Switching annotators needs the confirmation on this site's page.")
-        return sign_in(token, who)
+        return sign_in(token, who, request)
 
     @app.get("/")
     def home(who: Annotated[Principal, Depends(principal)]) -> Response:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit
 
 import typer
 from rich.console import Console
@@ -21,6 +23,8 @@ app = typer.Typer(
 console = Console(soft_wrap=True, highlight=False, markup=False)
 err_console = Console(stderr=True, soft_wrap=True, highlight=False, markup=False)
 
+# Where `invite` points before any `serve` has recorded its address in the study.
+DEFAULT_BASE_URL = "http://127.0.0.1:8080"
 DbOption = Annotated[Path, typer.Option("--db", help="The study's SQLite database (created if missing).")]
 ReferencesOption = Annotated[
     list[Path],
@@ -94,7 +98,10 @@ def invite(
         bool, typer.Option("--admin", help="Create an admin link (results page) instead.")
     ] = False,
     rotate: Annotated[bool, typer.Option("--rotate", help="Replace the link of an existing name.")] = False,
-    base_url: Annotated[str, typer.Option(help="Where the server is reached.")] = "http://127.0.0.1:8080",
+    base_url: Annotated[
+        str | None,
+        typer.Option(help="Where the server is reached; default: where `serve` last ran for this study."),
+    ] = None,
 ) -> None:
     """Create an annotator (or admin) and print the private link; only a hash of it is stored."""
     _require_extra()
@@ -107,8 +114,31 @@ def invite(
         _fail(str(error))
     if store.created:
         err_console.print(f"created a new study database {db}")
+    if base_url is None:
+        base_url = store.get_meta("base_url")  # recorded by `serve`
+    if base_url is None:
+        base_url = DEFAULT_BASE_URL
+        err_console.print(
+            f"note: no server has run for {db} yet; the link assumes {base_url} (see --base-url)"
+        )
     # Printed alone on stdout so that scripts can capture it.
     print(f"{base_url.rstrip('/')}/a/{token}")
+
+
+def _url_host(host: str) -> str:
+    """``host`` as it appears in a URL or a Host header: IPv6 literals in brackets."""
+    try:
+        return f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
+    except ValueError:
+        return host
+
+
+def _default_base_url(host: str, port: int) -> str:
+    try:
+        wildcard = ipaddress.ip_address(host).is_unspecified  # 0.0.0.0 or ::, every interface
+    except ValueError:
+        wildcard = False
+    return f"http://{socket.gethostname() if wildcard else _url_host(host)}:{port}"
 
 
 def _is_loopback(host: str) -> bool:
@@ -145,6 +175,29 @@ def serve(
             min=64, max=2048, help="Every image is served as a PNG of this many pixels square (default 512)."
         ),
     ] = None,
+    base_url: Annotated[
+        str | None,
+        typer.Option(
+            help="The URL annotators open (e.g. https://study.example.org behind a TLS proxy); recorded in "
+            "the study for `invite`. Default: http://HOST:PORT."
+        ),
+    ] = None,
+    allowed_hosts: Annotated[
+        list[str],
+        typer.Option(
+            "--allowed-hosts",
+            help="Host names the server answers for (comma-separated or repeated); default: the bind "
+            "address, localhost, 127.0.0.1 and [::1]. The host of --base-url is always allowed.",
+        ),
+    ] = None,
+    secure_cookies: Annotated[
+        bool,
+        typer.Option(
+            "--secure-cookies",
+            help="Mark the sign-in cookie Secure (HTTPS only). On by default for an https --base-url; a "
+            "request forwarded as https by a local proxy gets it anyway.",
+        ),
+    ] = False,
     n_boot: Annotated[int, typer.Option(min=100, help="Bootstrap resamples for the admin page.")] = 2000,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
 ) -> None:
@@ -172,14 +225,28 @@ def serve(
             Text.assemble(("warning: ", "yellow"), f"binding {host} exposes the study beyond this machine.")
         )
     session_admin = new_token()
-    base = f"http://{host}:{port}"
+    base = (base_url or _default_base_url(host, port)).rstrip("/")
+    if urlsplit(base).scheme not in ("http", "https") or not urlsplit(base).hostname:
+        _fail(f"--base-url {base} must be an http:// or https:// URL with a host name.")
+    store.set_meta("base_url", base)  # so that `cgrpo humaneval invite` prints links to this server
+    hosts = [name.strip() for entry in (allowed_hosts or []) for name in entry.split(",") if name.strip()]
+    if not hosts:
+        hosts = [_url_host(host), "localhost", "127.0.0.1", "[::1]"]
+    hosts.append(_url_host(urlsplit(base).hostname))
+    secure = secure_cookies or base.startswith("https://")
     n_annotators = len(store.annotators())
     console.print(f"study {db}: {len(registered)} pairs, {n_annotators} annotator(s)")
     console.print(f"admin (valid while this server runs): {base}/a/{session_admin}")
     if n_annotators == 0:
         console.print("invite annotators with: cgrpo humaneval invite --db DB --name NAME")
     uvicorn.run(
-        create_app(store, session_admin_token=session_admin, n_boot=n_boot),
+        create_app(
+            store,
+            session_admin_token=session_admin,
+            n_boot=n_boot,
+            secure_cookies=secure,
+            allowed_hosts=sorted(set(hosts)),
+        ),
         host=host,
         port=port,
         log_level=log_level,
