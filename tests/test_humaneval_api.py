@@ -427,7 +427,7 @@ def test_a_link_never_switches_a_signed_in_browser_silently(study):
     assert browser.post("/api/votes", json={"pair_id": pair_id, **VOTE}).status_code == 201
     assert {vote.annotator for vote in study.store.votes()} == {"alice"}
     # a forged confirmation (wrong code, or no cookie: a cross-site form) switches nothing
-    for forged in ({"confirm": "0" * 64}, {}):
+    for forged in ({"confirm": "0" * 64}, {}, {"confirm": "é" * 64}):
         refused = browser.post(f"/a/{study.bob}", data=forged)
         assert refused.status_code == 403 and "set-cookie" not in refused.headers
     cross_site = study.client().post(f"/a/{study.bob}", data={"confirm": "x"})

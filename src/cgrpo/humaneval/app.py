@@ -305,13 +305,6 @@ def create_app(
         )
         return no_store(response)
 
-    def same_person(first: Principal, second: Principal) -> bool:
-        return (first.annotator_id, first.is_admin, first.name) == (
-            second.annotator_id,
-            second.is_admin,
-            second.name,
-        )
-
     def invited(token: str) -> Principal:
         who = authenticate(token)
         if who is None:
@@ -323,7 +316,7 @@ def create_app(
         who = invited(token)
         current_token = request.cookies.get(COOKIE_NAME)
         current = authenticate(current_token)
-        if current is None or same_person(current, who):
+        if current is None or current == who:  # Principal is a frozen dataclass: equal fields, same person
             return sign_in(token, who, request)
         # Signed in as someone else: a link alone must not move this browser's next votes to another name.
         context = {
@@ -341,7 +334,8 @@ def create_app(
         sent = parse_qs((await request.body()).decode("utf-8", "replace")).get("confirm", [""])[0]
         # Only a browser that holds a cookie and was shown the question can answer it; a form posted from
         # another site carries no (SameSite=Lax) cookie, so it lands here too and switches nothing.
-        if not current_token or not hmac.compare_digest(sent, switch_code(current_token, token)):
+        expected = switch_code(current_token, token).encode()
+        if not current_token or not hmac.compare_digest(sent.encode(), expected):
             raise HTTPException(403, "Switching annotators needs the confirmation on this site's page.")
         return sign_in(token, who, request)
 
