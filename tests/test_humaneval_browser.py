@@ -53,7 +53,8 @@ def test_annotator_votes_with_the_keyboard_in_chromium(tmp_path: Path):
 
     shown: list[str] = []
     console_errors: list[str] = []
-    with serve_in_subprocess(db, pairs_file) as server, sync_api.sync_playwright() as playwright:
+    runs = [tmp_path / "eval_a", tmp_path / "eval_b"]
+    with serve_in_subprocess(db, pairs_file, runs=runs) as server, sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -90,10 +91,13 @@ def test_annotator_votes_with_the_keyboard_in_chromium(tmp_path: Path):
                 page.keyboard.press("Enter")
             sync_api.expect(page.locator("#done h1")).to_have_text("All 3 pairs judged")
             page.keyboard.press("Enter")  # nothing left to submit: no extra vote
-            # the admin link printed by `serve` opens the results page in the same browser
+            # the admin link printed by `serve` opens the results page in the same browser, after the
+            # browser, signed in as alice, has been asked to confirm the switch
             assert server.admin_link and server.admin_link.startswith(f"{server.base_url}/a/")
             page.goto(server.admin_link)
-            assert page.url == f"{server.base_url}/admin"
+            sync_api.expect(page.locator("#switch h1")).to_have_text("Switch to admin (this server session)?")
+            page.click("#switch-confirm")
+            page.wait_for_url(f"{server.base_url}/admin")
             sync_api.expect(page.locator("h2").first).to_have_text("customized-grpo (A) vs uno (B) — 3 pairs")
             sync_api.expect(page.locator("table.annotators")).to_contain_text("alice")
             save_screenshot(page, tmp_path, "humaneval_admin.png")

@@ -75,7 +75,9 @@ def test_20_concurrent_annotators_2000_votes_each_stored_exactly_once(tmp_path: 
             errors.append(error)
             barrier.abort()
 
-    with serve_in_subprocess(db, pairs_file) as server:
+    # small served images: this test never fetches one, and the study's creation re-encodes all 210
+    runs = [tmp_path / "a", tmp_path / "b"]
+    with serve_in_subprocess(db, pairs_file, runs=runs, extra_args=["--image-size", "64"]) as server:
         threads = [threading.Thread(target=annotate, args=(i,)) for i in range(N_ANNOTATORS)]
         for thread in threads:
             thread.start()

@@ -1,9 +1,11 @@
 """`cgrpo humaneval make-pairs`: pairing two evaluation outputs by (subject, prompt, seed)."""
 
+import csv
 import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from cgrpo.humaneval.cli import app
@@ -104,3 +106,77 @@ def test_read_pairs_validates_each_line(runs, tmp_path):
     path.write_text(json.dumps(record) + "\n")
     with pytest.raises(PairsError, match="line 1: pair_id"):
         read_pairs(path)
+
+
+PNG_OUTSIDE = "outside.png"
+
+
+def plant(run: Path, kind: str, tmp_path: Path, row: int = 0) -> tuple[str, str, str]:
+    """Make data row ``row`` of ``run``'s scores.csv point at something that is not an image of the run.
+
+    Returns (column changed, value written to scores.csv, text the error must name).
+    """
+    outside = tmp_path / PNG_OUTSIDE
+    if not outside.exists():
+        Image.new("RGB", (8, 8), (255, 0, 0)).save(outside)
+    real_png = (run / "images" / "0.png").read_bytes()
+    files = {
+        "html": ("images/0.html", b"<script>alert(document.cookie)</script>"),
+        "svg": ("images/0.svg", b'<svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script></svg>'),
+        "js": ("images/0.js", b"fetch('/admin/results.json')"),
+        "html named png": ("images/fake.png", b"<html><script>alert(1)</script></html>"),
+        "truncated png": ("images/cut.png", real_png[:60]),
+    }
+    column, value = "image", None
+    if kind == "passwd":
+        value = "/etc/passwd"
+    elif kind == "symlink out":
+        (run / "images" / "link.png").symlink_to(outside)
+        value = "images/link.png"
+    elif kind == "reference outside":
+        column, value = "reference", str(outside)
+    else:
+        name, content = files[kind]
+        (run / name).write_bytes(content)
+        value = name
+    with open(run / "scores.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    rows[row][column] = value
+    with open(run / "scores.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return column, value, Path(value).name
+
+
+BAD_IMAGES = [
+    "passwd",
+    "symlink out",
+    "html",
+    "svg",
+    "js",
+    "html named png",
+    "truncated png",
+    "reference outside",
+]
+
+
+@pytest.mark.parametrize("kind", BAD_IMAGES)
+def test_make_pairs_accepts_only_raster_images_inside_the_runs(runs, tmp_path, kind):
+    run_a, run_b = runs
+    _, _, named = plant(run_b, kind, tmp_path)
+    out = tmp_path / "pairs.jsonl"
+    result = runner.invoke(app, ["make-pairs", str(run_a), str(run_b), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert named in result.output and "scores.csv line 2" in result.output, result.output
+    assert not out.exists()
+
+
+def test_references_may_come_from_a_folder_named_on_the_command_line(runs, tmp_path):
+    run_a, run_b = runs
+    plant(run_a, "reference outside", tmp_path, row=1)  # row 0 of run A has no counterpart in run B
+    out = tmp_path / "pairs.jsonl"
+    args = ["make-pairs", str(run_a), str(run_b), "--out", str(out), "--references", str(tmp_path)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert str(tmp_path / PNG_OUTSIDE) in out.read_text()

@@ -27,7 +27,10 @@ difference ``scores_a[r] - scores_b[r]`` (e.g. identity with ``dino_seg``, promp
 CSV (``--out results.csv``): one row per vote with the columns ``pair_id, subject, prompt, seed,
 method_a, method_b, annotator, criterion, choice, winner, a_on_left, elapsed_ms, created_at`` and then
 ``score_a.<name>`` and ``score_b.<name>`` for every reward score of the pairs (``choice`` is a/tie/b;
-``winner`` is the method's name or ``tie``). The summary statistics are only in the JSON.
+``winner`` is the method's name or ``tie``). The summary statistics are only in the JSON. A text cell that
+starts with ``=``, ``+``, ``-``, ``@``, tab or carriage return gets a leading ``'`` so that a spreadsheet
+shows it as text instead of running it as a formula (numbers are written as they are); lines end in CRLF
+(RFC 4180), so that a line break inside a quoted prompt stays inside its cell.
 """
 
 from __future__ import annotations
@@ -122,36 +125,47 @@ def build_results(store: Store, *, n_boot: int = 2000, seed: int = 0) -> dict[st
     }
 
 
+# OWASP's list of the characters that make a spreadsheet read a cell as a formula.
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: object) -> object:
+    """Prefix ``'`` to a text cell a spreadsheet would run as a formula (method, prompt, annotator...)."""
+    if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
+        return "'" + value
+    return value
+
+
 def results_to_csv(results: dict[str, object]) -> str:
     pairs = results["pairs"]
     score_names = sorted({name for p in pairs for name in [*p["scores_a"], *p["scores_b"]]})
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(
-        [*CSV_COLUMNS, *(f"score_a.{n}" for n in score_names), *(f"score_b.{n}" for n in score_names)]
-    )
+    # CRLF: the csv module quotes a field only if it holds a character of the line terminator; with "\n"
+    # alone a bare "\r" in a prompt would be written unquoted and split the row in a spreadsheet.
+    writer = csv.writer(buffer, lineterminator="\r\n")
+    header = [*CSV_COLUMNS, *(f"score_a.{n}" for n in score_names), *(f"score_b.{n}" for n in score_names)]
+    writer.writerow([spreadsheet_safe(name) for name in header])
     for pair in pairs:
         winners = {"a": pair["method_a"], "b": pair["method_b"], "tie": "tie"}
         for vote in pair["votes"]:
-            writer.writerow(
-                [
-                    pair["pair_id"],
-                    pair["subject"],
-                    pair["prompt"],
-                    pair["seed"],
-                    pair["method_a"],
-                    pair["method_b"],
-                    vote["annotator"],
-                    vote["criterion"],
-                    vote["choice"],
-                    winners[vote["choice"]],
-                    "" if vote["a_on_left"] is None else int(vote["a_on_left"]),
-                    "" if vote["elapsed_ms"] is None else vote["elapsed_ms"],
-                    vote["created_at"],
-                    *(pair["scores_a"].get(n, "") for n in score_names),
-                    *(pair["scores_b"].get(n, "") for n in score_names),
-                ]
-            )
+            row = [
+                pair["pair_id"],
+                pair["subject"],
+                pair["prompt"],
+                pair["seed"],
+                pair["method_a"],
+                pair["method_b"],
+                vote["annotator"],
+                vote["criterion"],
+                vote["choice"],
+                winners[vote["choice"]],
+                "" if vote["a_on_left"] is None else int(vote["a_on_left"]),
+                "" if vote["elapsed_ms"] is None else vote["elapsed_ms"],
+                vote["created_at"],
+                *(pair["scores_a"].get(n, "") for n in score_names),
+                *(pair["scores_b"].get(n, "") for n in score_names),
+            ]
+            writer.writerow([spreadsheet_safe(cell) for cell in row])
     return buffer.getvalue()
 
 

@@ -4,7 +4,10 @@ An evaluation directory (written by ``cgrpo eval``) holds ``scores.csv`` with at
 ``subject,prompt,seed,image,reference`` (paths relative to the directory or absolute); any other column
 whose values all parse as numbers is kept as a reward score (e.g. ``dino_seg``, ``hpsv3``) so that the
 study's export can be correlated with the rewards. ``summary.json`` may name the method
-(``{"method": "customized-grpo"}``); without it the directory name is the method name.
+(``{"method": "customized-grpo"}``); without it the directory name is the method name. Every image must
+lie inside its run's directory (symlinks resolved), a reference inside it or inside a folder named with
+``--references`` (DreamBench's references live in the dataset), and every image of a pair must be a PNG,
+JPEG or WebP file that decodes; otherwise ``make-pairs`` fails naming the file.
 
 One line of ``pairs.jsonl`` (paths are absolute)::
 
@@ -20,12 +23,14 @@ import csv
 import hashlib
 import json
 import math
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cgrpo.humaneval.images import ImageError, ImagePolicy, resolve_inside
 from cgrpo.io import atomic_write_text
 
 REQUIRED_COLUMNS = ("subject", "prompt", "seed", "image", "reference")
@@ -62,6 +67,7 @@ class EvalRow:
     image: Path
     reference: Path
     scores: dict[str, float]
+    line: int = 0  # in scores.csv, for error messages
 
 
 @dataclass(frozen=True)
@@ -77,9 +83,14 @@ def make_pair_id(method_a: str, method_b: str, subject: str, prompt: str, seed: 
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def _resolve(directory: Path, value: str) -> Path:
+def _absolute(directory: Path, value: str) -> Path:
+    """``value`` made absolute against ``directory``, symlinks kept (so that messages name the link)."""
     path = Path(value)
-    return (path if path.is_absolute() else directory / path).resolve()
+    return Path(os.path.abspath(path if path.is_absolute() else directory / path))
+
+
+def _resolve(directory: Path, value: str) -> Path:
+    return _absolute(directory, value).resolve()
 
 
 def _as_float(value: str) -> float | None:
@@ -90,8 +101,11 @@ def _as_float(value: str) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def read_eval_run(directory: str | Path) -> EvalRun:
-    """Read ``scores.csv`` (and ``summary.json`` if present) of one evaluation output directory."""
+def read_eval_run(directory: str | Path, *, reference_roots: tuple[Path, ...] = ()) -> EvalRun:
+    """Read ``scores.csv`` (and ``summary.json`` if present) of one evaluation output directory.
+
+    Images must lie inside ``directory``; references inside it or one of ``reference_roots``.
+    """
     directory = Path(directory).resolve()
     scores_csv = directory / "scores.csv"
     if not scores_csv.is_file():
@@ -133,10 +147,16 @@ def read_eval_run(directory: str | Path) -> EvalRun:
             image=_resolve(directory, record["image"]),
             reference=_resolve(directory, record["reference"]),
             scores={name: float(record[name]) for name in score_columns},
+            line=line,
         )
         for path in (row.image, row.reference):
             if not path.is_file():
                 raise PairsError(f"{scores_csv} line {line}: image file {path} does not exist.")
+        try:
+            resolve_inside(_absolute(directory, record["image"]), [directory])
+            resolve_inside(_absolute(directory, record["reference"]), [directory, *reference_roots])
+        except ImageError as error:
+            raise PairsError(f"{scores_csv} line {line}: {error}") from None
         rows[key] = row
     return EvalRun(directory=directory, method=method, rows=rows)
 
@@ -183,6 +203,22 @@ def make_pairs(
     return pairs
 
 
+def check_pair_images(run_a: EvalRun, run_b: EvalRun, pairs: list[PairRecord], policy: ImagePolicy) -> None:
+    """Decode every image of ``pairs`` (only those: a run may hold many more); errors name the csv line."""
+    checked: set[str] = set()  # a reference is shared by many pairs: decode it once
+    for pair in pairs:
+        key = (pair.subject, pair.prompt, pair.seed)
+        for run, path in ((run_a, pair.reference), (run_a, pair.image_a), (run_b, pair.image_b)):
+            if path in checked:
+                continue
+            checked.add(path)
+            try:
+                policy.check(path)
+            except ImageError as error:
+                where = f"{run.directory / 'scores.csv'} line {run.rows[key].line}"
+                raise PairsError(f"{where}: {error}") from None
+
+
 def write_pairs(path: str | Path, pairs: list[PairRecord]) -> Path:
     text = "".join(pair.model_dump_json() + "\n" for pair in pairs)
     return atomic_write_text(path, text)
@@ -190,10 +226,15 @@ def write_pairs(path: str | Path, pairs: list[PairRecord]) -> Path:
 
 def read_pairs(path: str | Path) -> list[PairRecord]:
     """Read and validate ``pairs.jsonl``; relative image paths are taken relative to the file."""
+    return [pair for _, pair in read_numbered_pairs(path)]
+
+
+def read_numbered_pairs(path: str | Path) -> list[tuple[int, PairRecord]]:
+    """``read_pairs`` with the line number of each pair (for messages about its images)."""
     path = Path(path)
     if not path.is_file():
         raise PairsError(f"pairs file {path} does not exist; create it with `cgrpo humaneval make-pairs`.")
-    pairs: list[PairRecord] = []
+    pairs: list[tuple[int, PairRecord]] = []
     seen: set[str] = set()
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
@@ -208,13 +249,14 @@ def read_pairs(path: str | Path) -> list[PairRecord]:
             raise PairsError(f"{path} line {number}: duplicate pair_id {pair.pair_id}.")
         seen.add(pair.pair_id)
         base = path.parent.resolve()
-        resolved = {
-            key: str(_resolve(base, getattr(pair, key))) for key in ("reference", "image_a", "image_b")
+        # Symlinks are kept here: the study's checks resolve them, and name the link if it leads outside.
+        absolute = {
+            key: str(_absolute(base, getattr(pair, key))) for key in ("reference", "image_a", "image_b")
         }
-        for value in resolved.values():
+        for value in absolute.values():
             if not Path(value).is_file():
                 raise PairsError(f"{path} line {number}: image file {value} does not exist.")
-        pairs.append(pair.model_copy(update=resolved))
+        pairs.append((number, pair.model_copy(update=absolute)))
     if not pairs:
         raise PairsError(f"pairs file {path} holds no pairs.")
     return pairs

@@ -11,6 +11,9 @@ Why these choices:
 - ``UNIQUE(annotator_id, pair_id, criterion)`` is the last line of defence against double votes.
 - Tokens are never stored, only their SHA-256 (tokens are 192-bit random, so no salt or slow hash is
   needed); the hash found by lookup is compared again with ``hmac.compare_digest``.
+- Images are stored in the database, re-encoded when pairs are registered (``images.ImagePolicy``):
+  the app serves these bytes, never a file named by a path, so nothing of the original files (date,
+  name, format, metadata) reaches an annotator, and a study keeps working when the runs move.
 - The schema version lives in ``PRAGMA user_version``; ``MIGRATIONS[i]`` upgrades version ``i`` to
   ``i + 1`` and they run in order inside one transaction at open.
 """
@@ -32,6 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal, TypeVar
 
+from cgrpo.humaneval.images import ImagePolicy
 from cgrpo.humaneval.pairs import PairRecord
 
 CRITERIA = ("identity", "prompt", "overall")
@@ -84,6 +88,10 @@ class StoredPair:
     image_b: str
     scores_a: dict[str, float]
     scores_b: dict[str, float]
+    # SHA-256 of the re-encoded image bytes in the ``images`` table; None until the images are imported
+    reference_sha: str | None = None
+    image_a_sha: str | None = None
+    image_b_sha: str | None = None
 
 
 @dataclass(frozen=True)
@@ -166,7 +174,19 @@ def _migrate_to_3(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX votes_by_pair ON votes (pair_id)")
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_to_1, _migrate_to_2, _migrate_to_3]
+def _migrate_to_4(conn: sqlite3.Connection) -> None:
+    """Re-encoded images in the database (content-addressed: a reference shared by pairs is stored once)."""
+    conn.execute("CREATE TABLE images (sha256 TEXT PRIMARY KEY, png BLOB NOT NULL)")
+    for column in ("reference_sha", "image_a_sha", "image_b_sha"):
+        conn.execute(f"ALTER TABLE pairs ADD COLUMN {column} TEXT REFERENCES images(sha256)")
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
+    _migrate_to_1,
+    _migrate_to_2,
+    _migrate_to_3,
+    _migrate_to_4,
+]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -288,11 +308,37 @@ class Store:
             delay = min(delay * 2, 0.5)
         raise AssertionError("unreachable")
 
-    def _migrate(self, target: int) -> None:
-        # WAL is a property of the file; it cannot be switched inside a transaction.
-        mode = self._connect().execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    def _enable_wal(self) -> None:
+        """Switch the file to WAL once; wait (bounded) while another process holds its write lock.
+
+        WAL is a property of the file and cannot be switched inside a transaction. SQLite answers
+        ``journal_mode = WAL`` with SQLITE_BUSY at once, without its busy handler, while another
+        connection holds the write lock of a rollback-journal file, as when two ``cgrpo humaneval``
+        commands create one new study together; so retry here until ``busy_timeout_s`` has passed.
+        """
+        conn = self._connect()
+        deadline = time.monotonic() + self.busy_timeout_s
+        delay = 0.005
+        while True:
+            try:
+                # Reading the mode first: a file that is already WAL needs no lock to stay WAL.
+                mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+                if mode.lower() != "wal":
+                    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                break
+            except sqlite3.OperationalError as error:
+                if not _is_busy(error) or time.monotonic() > deadline:
+                    raise StoreError(
+                        f"{self.path} stayed locked for {self.busy_timeout_s:g} s while switching to WAL: "
+                        f"{error}."
+                    ) from error
+            time.sleep(delay * (1 + random.random()))
+            delay = min(delay * 2, 0.2)
         if mode.lower() != "wal":
             raise StoreError(f"{self.path} cannot use WAL journaling (got {mode!r}).")
+
+    def _migrate(self, target: int) -> None:
+        self._enable_wal()
 
         def upgrade(conn: sqlite3.Connection) -> None:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -314,10 +360,35 @@ class Store:
 
     # --- pairs ------------------------------------------------------------------------------------
 
-    def register_pairs(self, pairs: list[PairRecord]) -> int:
-        """Add new pairs (idempotent); returns how many were new. A changed pair is an error."""
+    def register_pairs(self, pairs: list[PairRecord], *, images: ImagePolicy | None = None) -> int:
+        """Add new pairs (idempotent); returns how many were new. A changed pair is an error.
+
+        With ``images``, every image of a new pair (or of a registered pair whose images are missing) is
+        checked and re-encoded by the policy and stored; an ``ImageError`` (naming the file) rolls the
+        whole registration back. Without it the pairs are registered without images, which the app does
+        not serve (``cgrpo humaneval serve`` refuses to start until they are imported).
+        """
+        encoded: dict[str, str] = {}  # path -> sha256, within this call
+
+        def store_image(conn: sqlite3.Connection, path: str) -> str:
+            if path not in encoded:
+                data = images.encode(path)
+                digest = hashlib.sha256(data).hexdigest()
+                conn.execute("INSERT OR IGNORE INTO images (sha256, png) VALUES (?, ?)", (digest, data))
+                encoded[path] = digest
+            return encoded[path]
+
+        def import_images(conn: sqlite3.Connection, pair_id: str, paths: dict[str, str]) -> None:
+            shas = {f"{key}_sha": store_image(conn, path) for key, path in paths.items()}
+            conn.execute(
+                "UPDATE pairs SET reference_sha = ?, image_a_sha = ?, image_b_sha = ? WHERE id = ?",
+                (shas["reference_sha"], shas["image_a_sha"], shas["image_b_sha"], pair_id),
+            )
 
         def work(conn: sqlite3.Connection) -> int:
+            encoded.clear()  # a retried transaction starts again from nothing
+            if images is not None:
+                self._check_image_size(conn, images.size)
             existing = {row["id"]: row for row in conn.execute("SELECT * FROM pairs")}
             position = conn.execute("SELECT COALESCE(MAX(position), -1) FROM pairs").fetchone()[0]
             added = 0
@@ -333,6 +404,7 @@ class Store:
                     "image_a": pair.image_a,
                     "image_b": pair.image_b,
                 }
+                paths = {"reference": pair.reference, "image_a": pair.image_a, "image_b": pair.image_b}
                 old = existing.get(pair.pair_id)
                 if old is not None:
                     changed = [key for key, value in values.items() if old[key] != value]
@@ -341,6 +413,8 @@ class Store:
                             f"pair {pair.pair_id} is already in {self.path} with a different "
                             f"{', '.join(changed)}; start a new study database for new images."
                         )
+                    if images is not None and old["image_a_sha"] is None:  # registered before images were
+                        import_images(conn, pair.pair_id, paths)
                     continue
                 position += 1
                 conn.execute(
@@ -348,10 +422,51 @@ class Store:
                     " image_a, image_b, scores_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (pair.pair_id, position, *values.values(), scores),
                 )
+                if images is not None:
+                    import_images(conn, pair.pair_id, paths)
                 added += 1
             return added
 
         return self._write(work)
+
+    def _check_image_size(self, conn: sqlite3.Connection, size: int) -> None:
+        """All images of a study share one size: the first import fixes it."""
+        row = conn.execute("SELECT value FROM study_meta WHERE key = 'image_size'").fetchone()
+        if row is None:
+            conn.execute("INSERT INTO study_meta VALUES ('image_size', ?)", (str(size),))
+        elif int(row["value"]) != size:
+            raise StoreError(
+                f"{self.path} stores its images at {row['value']} px; import more at that size, not {size}."
+            )
+
+    def image_size(self) -> int | None:
+        """The size (pixels, square) of this study's images, or None before the first import."""
+        value = self.get_meta("image_size")
+        return None if value is None else int(value)
+
+    def get_meta(self, key: str) -> str | None:
+        with self._read() as conn:
+            row = conn.execute("SELECT value FROM study_meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row["value"]
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._write(
+            lambda conn: conn.execute(
+                "INSERT INTO study_meta (key, value) VALUES (?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+        )
+
+    def image(self, sha256: str) -> bytes | None:
+        """The stored (re-encoded PNG) bytes of an image."""
+        with self._read() as conn:
+            row = conn.execute("SELECT png FROM images WHERE sha256 = ?", (sha256,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def pairs_without_images(self) -> int:
+        with self._read() as conn:
+            return conn.execute("SELECT COUNT(*) FROM pairs WHERE image_a_sha IS NULL").fetchone()[0]
 
     @staticmethod
     def _pair_from_row(row: sqlite3.Row) -> StoredPair:
@@ -369,6 +484,9 @@ class Store:
             image_b=row["image_b"],
             scores_a=scores.get("a", {}),
             scores_b=scores.get("b", {}),
+            reference_sha=row["reference_sha"],
+            image_a_sha=row["image_a_sha"],
+            image_b_sha=row["image_b_sha"],
         )
 
     def pairs(self) -> list[StoredPair]:

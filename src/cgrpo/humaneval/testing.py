@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,15 +127,26 @@ class ServerProcess:
 
 @contextmanager
 def serve_in_subprocess(
-    db: Path, pairs: Path | None = None, *, startup_timeout_s: float = 30.0
+    db: Path,
+    pairs: Path | None = None,
+    *,
+    runs: Sequence[Path] = (),
+    extra_args: Sequence[str] = (),
+    startup_timeout_s: float = 30.0,
 ) -> Iterator[ServerProcess]:
-    """Run ``python -m cgrpo.humaneval serve`` on a free loopback port until the block exits."""
+    """Run ``python -m cgrpo.humaneval serve`` on a free loopback port until the block exits.
+
+    ``runs``: the eval runs the images of ``pairs`` come from (``--runs``).
+    """
     import httpx
 
     port = free_port()
     command = [sys.executable, "-m", "cgrpo.humaneval", "serve", "--db", str(db), "--port", str(port)]
     if pairs is not None:
         command += ["--pairs", str(pairs)]
+    for run in runs:
+        command += ["--runs", str(run)]
+    command += list(extra_args)
     env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     output: list[str] = []
