@@ -10,6 +10,7 @@ from cgrpo import rewards
 from cgrpo.advantage import sars, tdw_weights
 from cgrpo.config import load_config
 from cgrpo.policy.mini import build_mini_policy
+from cgrpo.sde import sde_step_with_logprob
 from cgrpo.train import grpo as grpo_module
 from cgrpo.train.components import RewardFailure
 from cgrpo.train.config import GRPOConfig
@@ -215,3 +216,32 @@ def test_cli_train_writes_metrics(tiny_policy_dir, tmp_path):
 def test_full_size_mini_policy_builds():
     policy = build_mini_policy(seed=0)
     assert 2_000_000 < sum(p.numel() for p in policy.transformer.parameters()) < 3_000_000
+
+
+def test_kl_penalty_compares_with_the_frozen_base(tiny_policy_dir, tmp_path):
+    """With a LoRA that moved, the KL to the reference (LoRA off) is positive and has a gradient."""
+    config = tiny_config(tiny_policy_dir, tmp_path / "run", "train.kl_coef=0.1")
+    trainer = GRPOTrainer(config)
+    policy = trainer.policy
+    with torch.no_grad():
+        for name, param in policy.transformer.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.05)
+    example = trainer.train_set[0]
+    cond = policy.condition([example.prompt], example.reference[None])
+    x_t = torch.randn(1, *policy.latent_shape)
+    sigma, sigma_next = torch.tensor([0.8]), torch.tensor([0.6])
+    with torch.no_grad():
+        policy.transformer.disable_adapters()  # peft's switch, independent of the code under test
+        base_velocity = policy.velocity(x_t, sigma, cond)
+        policy.transformer.enable_adapters()
+    velocity = policy.velocity(x_t, sigma, cond)
+    assert (velocity - base_velocity).abs().max() > 1e-3  # the LoRA changes the policy
+    transition = sde_step_with_logprob(velocity, sigma, sigma_next, x_t, noise_level=0.7)
+    kl = trainer._kl_to_reference(x_t, sigma, sigma_next, cond, transition)
+    assert kl.item() > 0
+    kl.backward()
+    grads = [p.grad for n, p in policy.transformer.named_parameters() if "lora_" in n and p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+    # the adapter is back on after the reference pass
+    torch.testing.assert_close(policy.velocity(x_t, sigma, cond), velocity)

@@ -11,6 +11,7 @@ and the model predicts the velocity ``noise - x0`` (rectified flow, Eq. 3-4 of t
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -142,6 +143,10 @@ class Policy(nn.Module):
     @property
     def has_lora(self) -> bool:
         return False
+
+    def disable_lora(self) -> contextlib.AbstractContextManager[None]:
+        """A context manager inside which the policy runs as its frozen base (adapters off)."""
+        raise NotImplementedError
 
     def save_lora(self, directory: str | Path) -> None:
         """Write only the LoRA adapter (peft format, safetensors)."""

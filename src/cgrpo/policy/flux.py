@@ -14,8 +14,9 @@ text side is :class:`FluxTextEncoder` (CLIP pooled + T5 sequence, or CLIP only i
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -426,6 +427,19 @@ class ReferenceFluxPolicy(Policy):
             if "lora_" in name:
                 param.data = param.data.float()
                 param.requires_grad_(True)
+
+    @contextlib.contextmanager
+    def disable_lora(self) -> Iterator[None]:
+        """Run as the frozen base inside the block (peft's adapter switch): the reference model of the KL
+        penalty and of DPO. Without an adapter the policy already is its base."""
+        if not self.has_lora:
+            yield
+            return
+        self.transformer.disable_adapters()
+        try:
+            yield
+        finally:
+            self.transformer.enable_adapters()
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         from peft.utils import get_peft_model_state_dict

@@ -23,7 +23,6 @@ import json
 import math
 import time
 import warnings
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -460,8 +459,7 @@ class GRPOTrainer:
         coef = self.config.train.kl_coef
         if coef == 0:
             return torch.zeros((), device=self.device)
-        disable = getattr(self.policy, "disable_lora", None)
-        with torch.no_grad(), disable() if disable else nullcontext():
+        with torch.no_grad(), self.policy.disable_lora():
             ref_velocity = self.policy.velocity(x_t, sigma.to(self.device), cond)
             reference = sde_step_with_logprob(
                 ref_velocity,

@@ -41,12 +41,11 @@ rewards of the base and the trained policy.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -240,23 +239,9 @@ def class_prompt(template: str, subject_class: str) -> str:
 # --- helpers -----------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def lora_disabled(policy: Any) -> Iterator[None]:
+def lora_disabled(policy: Any):
     """Run the policy as its frozen base: the reference model of DPO, the sampler of the candidates."""
-    disable = getattr(policy, "disable_lora", None)
-    if disable is not None:
-        with disable():
-            yield
-        return
-    transformer = policy.transformer
-    if not getattr(transformer, "peft_config", None):
-        yield
-        return
-    transformer.disable_adapters()
-    try:
-        yield
-    finally:
-        transformer.enable_adapters()
+    return policy.disable_lora()
 
 
 def _sample_sigmas(batch: int, train: RPOTrainConfig, generator: torch.Generator) -> torch.Tensor:
