@@ -25,3 +25,12 @@ def test_demo_report(tiny_policy_dir, tmp_path):
         assert (out / png).stat().st_size > 1000
         assert png in report
     assert f"{metrics['base']['id']:.4f}" in report
+    # The paired changes re-score the saved evaluation images: they agree with the trainer's evaluation.
+    changes = metrics["changes"]
+    assert abs(changes["all/id"]["base"] - metrics["base"]["id"]) < 1e-5
+    assert abs(changes["all/prompt"]["trained"] - metrics["trained"]["prompt"]) < 1e-5
+    delta = changes["all/prompt"]["trained"] - changes["all/prompt"]["base"]
+    assert abs(changes["all/prompt"]["change"] - delta) < 1e-6 and changes["all/prompt"]["ci95"] >= 0
+    assert changes["property-change/id"]["n"] >= 2 and "grid_property_edits.png" in report
+    assert (out / "grid_property_edits.png").stat().st_size > 1000
+    assert metrics["world_version"] == 2 and metrics["base"]["id_ci95"] > 0

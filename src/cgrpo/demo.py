@@ -75,6 +75,14 @@ def write_report(trainer: GRPOTrainer, summary: dict[str, Any], wall_time: float
     save_png(
         grid([references, base_images[rows], trained_images[rows]]), out / "grid_reference_base_trained.png"
     )
+    # The prompts that ask to change the subject's look: where identity and prompt following fight.
+    edits = [i for i, e in enumerate(examples) if _asks_property(e.prompt)][:16]
+    if edits:
+        edit_refs = torch.stack([examples[i].reference for i in edits])
+        save_png(
+            grid([edit_refs, base_images[edits], trained_images[edits]]), out / "grid_property_edits.png"
+        )
+    changes = paired_changes(trainer, examples, base_images, trained_images)
 
     conflict = [r["conflict_rate"] for r in records if r.get("conflict_rate") is not None]
     metrics = {
@@ -85,29 +93,94 @@ def write_report(trainer: GRPOTrainer, summary: dict[str, Any], wall_time: float
         "iterations": trainer.step,
         "wall_time_s": round(wall_time, 1),
         "conflict_rate_mean": sum(conflict) / len(conflict) if conflict else None,
+        "world_version": trainer.config.data.options.get("version"),
+        "changes": changes,
     }
     atomic_write_json(out / "metrics.json", metrics)
-    atomic_write_text(out / "report.md", _markdown(metrics, [examples[i] for i in rows]))
+    edit_examples = [examples[i] for i in edits]
+    atomic_write_text(out / "report.md", _markdown(metrics, [examples[i] for i in rows], edit_examples))
     return out / "report.md"
 
 
-def _markdown(metrics: dict[str, Any], grid_examples) -> str:
-    base, trained = metrics["base"], metrics["trained"]
-    keys = ["id", "prompt"] + sorted(k for k in base if "/" in k)
-    table = ["| held-out metric | base | trained | change |", "|---|---|---|---|"]
-    for key in keys:
-        b, t = base.get(key), trained.get(key)
-        if b is None or t is None:
-            continue
-        table.append(f"| {key} | {b:.4f} | {t:.4f} | {t - b:+.4f} |")
+def _asks_property(prompt: str) -> bool:
+    from cgrpo.data.miniworld import asks_property
+
+    try:
+        return asks_property(prompt)
+    except ValueError:  # not a mini-world prompt
+        return False
+
+
+def paired_changes(
+    trainer: GRPOTrainer, examples: list, base_images: torch.Tensor, trained_images: torch.Tensor
+) -> dict[str, dict[str, float]]:
+    """Trained minus base per held-out image (same subject, prompt and noise), with the 95% normal
+    interval of the mean change: overall, per prompt kind and on property-change prompts.
+
+    ``{"<group>/<reward>": {"base", "trained", "change", "ci95", "n"}}``; pairing removes the spread between
+    prompts, so the interval of a change is much narrower than that of either mean."""
+    references = torch.stack([e.reference for e in examples])
+    prompts = [e.prompt for e in examples]
+    subjects = [e.subject_class for e in examples]
+    scores = {}
+    for name, reward in (("id", trainer.identity_reward), ("prompt", trainer.prompt_reward)):
+        before = torch.as_tensor(reward(base_images, references, prompts, subjects)).double()
+        after = torch.as_tensor(reward(trained_images, references, prompts, subjects)).double()
+        scores[name] = (before, after)
+    groups: dict[str, list[int]] = {"all": list(range(len(examples)))}
+    for index, example in enumerate(examples):
+        groups.setdefault(example.kind or "other", []).append(index)
+        if _asks_property(example.prompt):
+            groups.setdefault("property-change", []).append(index)
+    out = {}
+    for group, indices in groups.items():
+        for name, (before, after) in scores.items():
+            diff = (after - before)[indices]
+            diff = diff[torch.isfinite(diff)]
+            n = len(diff)
+            out[f"{group}/{name}"] = {
+                "base": float(before[indices].nanmean()),
+                "trained": float(after[indices].nanmean()),
+                "change": float(diff.mean()) if n else float("nan"),
+                "ci95": float(1.96 * diff.std() / n**0.5) if n > 1 else float("nan"),
+                "n": n,
+            }
+    return out
+
+
+def _markdown(metrics: dict[str, Any], grid_examples, edit_examples=()) -> str:
+    table = [
+        "| held-out images | reward | n | base | trained | change (95% interval) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, c in metrics["changes"].items():
+        group, reward = key.rsplit("/", 1)
+        table.append(
+            f"| {group} | {reward} | {c['n']} | {c['base']:.4f} | {c['trained']:.4f} |"
+            f" {c['change']:+.4f} ± {c['ci95']:.4f} |"
+        )
     rows = "\n".join(f"{i + 1}. ({e.kind}) {e.prompt}" for i, e in enumerate(grid_examples))
+    edit_rows = "\n".join(f"{i + 1}. {e.prompt}" for i, e in enumerate(edit_examples))
+    edits = (
+        f"""
+## Property-change prompts: reference | base | trained
+The prompts that ask to change the subject's look, where identity and prompt following compete.
+![property edits](grid_property_edits.png)
+
+Rows:
+{edit_rows}
+"""
+        if edit_examples
+        else ""
+    )
     conflict = metrics["conflict_rate_mean"]
     conflict_text = f"{conflict:.1%}" if conflict is not None else "n/a"
     return f"""# Customized-GRPO demo on the mini world
 
 Method `{metrics["method"]}`, seed {metrics["seed"]}, {metrics["iterations"]} GRPO iterations,
-wall time {metrics["wall_time_s"] / 60:.1f} min. Rewards are measured on held-out subjects with
-deterministic ODE samples and the same seeds before and after training.
+wall time {metrics["wall_time_s"] / 60:.1f} min, mini world version {metrics["world_version"]}. Rewards are
+measured on held-out subjects with deterministic ODE samples and the same seeds before and after training;
+a change is the mean of per-image differences, with the 95% interval of that mean.
 
 {chr(10).join(table)}
 
@@ -125,4 +198,4 @@ Mean reward-conflict rate over training (opposite-sign advantages; the paper mea
 
 Rows:
 {rows}
-"""
+{edits}"""

@@ -45,8 +45,18 @@ def reward_curves(
             ax.plot(steps, _smooth(values, window), color="C0", lw=1.6, label=f"rollouts (mean of {window})")
         eval_steps = [e["step"] for e in eval_history]
         eval_values = [e["metrics"].get(key) for e in eval_history]
+        intervals = [e["metrics"].get(f"{key}_ci95") for e in eval_history]
         if eval_steps:
-            ax.plot(eval_steps, eval_values, "o-", color="C3", lw=1.6, label="held-out (ODE, fixed seeds)")
+            ax.errorbar(
+                eval_steps,
+                eval_values,
+                yerr=None if None in intervals else intervals,
+                fmt="o-",
+                color="C3",
+                lw=1.6,
+                capsize=3,
+                label="held-out (ODE, fixed seeds; 95% interval)",
+            )
         ax.set_title(title)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)

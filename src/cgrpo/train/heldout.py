@@ -28,7 +28,14 @@ class HeldoutResult:
     kinds: list[str]
 
     def summary(self) -> dict[str, float]:
-        out = {"id": _nanmean(self.identity), "prompt": _nanmean(self.prompt)}
+        """Mean rewards, overall and per prompt kind (``"<kind>/id"``), and the half-widths of their 95%
+        normal intervals over images (``id_ci95``, ``prompt_ci95``)."""
+        out = {
+            "id": _nanmean(self.identity),
+            "prompt": _nanmean(self.prompt),
+            "id_ci95": ci95(self.identity),
+            "prompt_ci95": ci95(self.prompt),
+        }
         groups: dict[str, list[int]] = defaultdict(list)
         for index, kind in enumerate(self.kinds):
             groups[kind].append(index)
@@ -37,6 +44,14 @@ class HeldoutResult:
                 out[f"{kind}/id"] = _nanmean(self.identity[indices])
                 out[f"{kind}/prompt"] = _nanmean(self.prompt[indices])
         return out
+
+
+def ci95(values: torch.Tensor) -> float:
+    """Half-width of the 95% normal interval of the mean of the finite ``values`` (NaN below 2)."""
+    finite = values[torch.isfinite(values)].double()
+    if len(finite) < 2:
+        return float("nan")
+    return float(1.96 * finite.std() / len(finite) ** 0.5)
 
 
 def _nanmean(values: torch.Tensor) -> float:
