@@ -33,4 +33,4 @@ def test_demo_report(tiny_policy_dir, tmp_path):
     assert abs(changes["all/prompt"]["change"] - delta) < 1e-6 and changes["all/prompt"]["ci95"] >= 0
     assert changes["property-change/id"]["n"] >= 2 and "grid_property_edits.png" in report
     assert (out / "grid_property_edits.png").stat().st_size > 1000
-    assert metrics["world_version"] == 2 and metrics["base"]["id_ci95"] > 0
+    assert metrics["world_version"] == 1 and metrics["base"]["id_ci95"] > 0

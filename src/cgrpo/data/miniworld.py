@@ -39,10 +39,9 @@ from cgrpo.data.base import Example
 KINDS = ("plain", "context", "placement", "property", "combo")
 
 # Which mini world a result comes from; configs name it (``data.options.version``) and every run records it,
-# so that numbers of different worlds are never compared. 1: the first wave (a base pre-trained for 2,500
-# steps on the full prompt mix, not converged). 2: a base pre-trained to convergence on data where edits of
-# the subject's look are rare (``property_rate`` 0.2 of ``configs/mini/sft.yaml``).
-WORLD_VERSION = 2
+# so that numbers of different worlds are never compared. 1: the first wave's committed base (2,500 SFT steps
+# on the full prompt mix, not converged; docs/mini-world.md). A new base or new rewards get a new version.
+WORLD_VERSION = 1
 
 DEFAULT_BACKGROUND = (0.75, 0.75, 0.73)  # light neutral grey of every reference image
 DEFAULT_SIZE = 0.5  # subject extent as a fraction of the image side
