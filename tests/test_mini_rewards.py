@@ -231,3 +231,41 @@ def test_options_weights_and_image_size():
     assert PROMPT(gts64, refs64, prompts64).mean() >= 0.85
     resized = rewards.build("mini_prompt", image_size=32)(gts64, refs64, prompts64)
     assert resized.shape == (len(data),) and resized.mean() >= 0.75
+
+
+def _recolours(limit: int = 40) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    """(faithful recolours, the same with the pattern painted over in the asked colour, references, prompts)
+    for patterned subjects; the mark is kept in both."""
+    faithful, painted, refs, prompts = [], [], [], []
+    for subject in WORLD.train_subjects + WORLD.test_subjects:
+        groups = mw.prompt_groups(subject, "property")
+        if subject.pattern == "solid" or not groups or not groups[0]:
+            continue
+        prompt = groups[0][0]
+        spec = mw.parse_prompt(prompt)
+        faithful.append(WORLD.render(subject, prompt))
+        solid = mw.Subject(subject.id, subject.shape, subject.body_color, "solid", subject.pattern_color,
+                           subject.mark, subject.mark_color)  # fmt: skip
+        painted.append(mw.to_chw(mw.draw(solid, spec, WORLD.image_size)))
+        refs.append(WORLD.reference(subject))
+        prompts.append(prompt)
+    n = min(limit, len(prompts))
+    return torch.stack(faithful[:n]), torch.stack(painted[:n]), torch.stack(refs[:n]), prompts[:n]
+
+
+def test_faithful_color_share_stops_rewarding_a_painted_over_pattern():
+    faithful, painted, refs, prompts = _recolours()
+    assert len(prompts) >= 20
+    version_1 = rewards.build("mini_prompt")
+    honest = rewards.build("mini_prompt", faithful_color_share=0.3)
+    # version 1's colour term rates the painted-over subject above the faithful recolour
+    assert version_1(painted, refs, prompts).mean() > version_1(faithful, refs, prompts).mean() + 0.02
+    # with the share saturated at a faithful recolour's, painting over gains nothing on average ...
+    gain = honest(painted, refs, prompts) - honest(faithful, refs, prompts)
+    assert gain.mean() < 0.005
+    # ... while the faithful image still follows the prompt far better than a copy, and identity punishes
+    # the painting
+    assert honest(faithful, refs, prompts).mean() > honest(refs, refs, prompts).mean() + 0.4
+    assert ID(painted, refs, prompts).mean() < ID(faithful, refs, prompts).mean() - 0.15
+    with pytest.raises(ValueError, match="faithful_color_share"):
+        rewards.build("mini_prompt", faithful_color_share=0.0)

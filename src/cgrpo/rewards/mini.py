@@ -16,6 +16,9 @@ scores every prompt gets: the class (outline against the shape family's prototyp
 colours without speckle, one connected subject). The reward is ``presence * (0.65 * mean(asked) +
 0.35 * mean(class, quality))``, or ``presence * mean(class, quality)`` for a plain prompt.
 
+Version 1's colour term keeps rising when a recolour paints over the pattern too (0.98 vs the faithful
+recolour's 0.94, docs/mini-world.md); ``faithful_color_share`` saturates it at a faithful recolour's share.
+
 The property prompts ("a red heart", "a striped heart", "a heart upside down") are where the two fight: the
 faithful image changes exactly the features ``mini_id`` compares, and the copy fails what the prompt asks.
 """
@@ -309,8 +312,13 @@ def prompt_scores(
     prompts: Sequence[str],
     canonical_size: int = CANONICAL_SIZE,
     threshold: float = FOREGROUND_THRESHOLD,
+    faithful_color_share: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-attribute prompt scores, each ``[N]`` in [0, 1]; NaN where the prompt does not ask for it.
+
+    ``faithful_color_share``: a recolour scores 1 once this share of the subject's pixels has the asked
+    colour (a faithful recolour keeps the pattern and mark, about half the body); None keeps version 1's
+    ``1 - exp(-share / 0.2)``, which still rises when the pattern is painted over too.
 
     Always present: ``presence``, ``class``, ``quality`` (and its parts ``flatness``, ``largest_share``,
     ``components``); asked-for only: ``background``, ``position``, ``size``, ``color``, ``pattern``,
@@ -347,7 +355,10 @@ def prompt_scores(
     body = torch.tensor([mw.COLORS[s.color] if s.color else (0.0, 0.0, 0.0) for s in specs])
     near = soft_gaussian(channel_norm(images - body[:, :, None, None]), 0.15)
     share = (near * seg.mask).sum((1, 2)) / seg.mask.sum((1, 2)).clamp(min=1)
-    color = 1 - torch.exp(-share / 0.2)
+    if faithful_color_share is None:
+        color = 1 - torch.exp(-share / 0.2)
+    else:
+        color = (share / faithful_color_share).clamp(max=1.0)
     pattern = stripe_score(colours, mask)
     upside_down = _upside_down_score(mask, references, canonical_size, threshold)
 
@@ -468,8 +479,18 @@ class MiniPromptReward(_MiniReward):
     name = "mini_prompt"
     default_weights = PROMPT_WEIGHTS
 
+    def __init__(self, *args, faithful_color_share: float | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if faithful_color_share is not None and not 0.0 < faithful_color_share <= 1.0:
+            raise ValueError(
+                f"mini_prompt faithful_color_share must be in (0, 1], got {faithful_color_share}"
+            )
+        self.faithful_color_share = faithful_color_share
+
     def _score(self, batch: torch.Tensor, refs: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        scores = prompt_scores(batch, refs, prompts, self.canonical_size, self.threshold)
+        scores = prompt_scores(
+            batch, refs, prompts, self.canonical_size, self.threshold, self.faithful_color_share
+        )
         return prompt_total(scores, self.weights)
 
 
