@@ -34,3 +34,29 @@ def test_demo_report(tiny_policy_dir, tmp_path):
     assert changes["property-change/id"]["n"] >= 2 and "grid_property_edits.png" in report
     assert (out / "grid_property_edits.png").stat().st_size > 1000
     assert metrics["world_version"] == 1 and metrics["base"]["id_ci95"] > 0
+
+
+def test_demo_compare_trains_a_second_config_beside_it(tiny_policy_dir, tmp_path):
+    config = tiny_config(tiny_policy_dir, tmp_path / "unused")
+    save_config(config, tmp_path / "demo.yaml")
+    naive = tiny_config(
+        tiny_policy_dir,
+        tmp_path / "unused",
+        "advantage.synergy=none",
+        "advantage.schedule=static",
+        "method=naive_1to1",
+    )
+    save_config(naive, tmp_path / "naive.yaml")
+    out = tmp_path / "demo"
+    args = ["demo", "--config", str(tmp_path / "demo.yaml"), "--output-dir", str(out), "--steps", "2"]
+    result = CliRunner().invoke(app, [*args, "--compare", str(tmp_path / "naive.yaml")])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    compare = metrics["compare"]
+    assert compare["method"] == "naive"
+    naive_summary = json.loads((out / "naive" / "summary.json").read_text())
+    assert (out / "naive" / "config.yaml").exists() and naive_summary["base"] == metrics["base"]
+    assert abs(compare["changes"]["all/id"]["trained"] - naive_summary["trained"]["id"]) < 1e-5
+    assert "naive" in (out / "report.md").read_text()
+    missing = CliRunner().invoke(app, [*args, "--compare", "no_such_config"])
+    assert missing.exit_code == 2 and "no_such_config" in missing.output

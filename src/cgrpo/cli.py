@@ -116,12 +116,24 @@ def demo(
     steps: Annotated[int | None, typer.Option(help="GRPO iterations (default: the config's).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed of the run.")] = 0,
     config: Annotated[Path | None, typer.Option(help="Another config than the packaged demo.")] = None,
+    compare: Annotated[
+        str | None,
+        typer.Option(
+            help="Also train this config (a file, or a packaged mini config such as naive_1to1) at the same "
+            "time in a second process, one core each, and show it beside the demo in the report."
+        ),
+    ] = None,
 ) -> None:
     """Customized-GRPO on the mini world from the committed base, then runs/demo/report.md."""
     from cgrpo.demo import run_demo
 
+    from cgrpo.config import ConfigError
+
     _quiet_library_progress_bars()
-    report = run_demo(output_dir=output_dir, steps=steps, seed=seed, config=config)
+    try:
+        report = run_demo(output_dir=output_dir, steps=steps, seed=seed, config=config, compare=compare)
+    except (ConfigError, FileNotFoundError) as error:
+        _fail(str(error))
     console.print(f"report: {report}")
 
 

@@ -7,7 +7,10 @@ the trained policy measured on the same subjects, prompts and seeds.
 
 from __future__ import annotations
 
+import json
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -35,16 +38,50 @@ def run_demo(
     steps: int | None = None,
     seed: int = 0,
     config: str | Path | None = None,
+    compare: str | Path | None = None,
 ) -> Path:
+    """Train the demo config and write its report. ``compare``: a second config (a file, or the name of a
+    packaged mini config such as ``naive_1to1``) trained at the same time in a second process, one CPU
+    thread each, into ``OUTPUT/<its name>``; the report then shows its column beside the demo's."""
     overrides = [f"output_dir={output_dir}", f"seed={seed}"]
     if steps is not None:
         overrides.append(f"train.iterations={steps}")
     cfg = load_config(GRPOConfig, config or packaged_config(DEMO_CONFIG), overrides)
     start = time.perf_counter()
-    trainer = GRPOTrainer(cfg)
-    summary = trainer.train()
-    wall_time = time.perf_counter() - start
-    return write_report(trainer, summary, wall_time)
+    if compare is None:
+        trainer = GRPOTrainer(cfg)
+        summary = trainer.train()
+        return write_report(trainer, summary, time.perf_counter() - start)
+    compare_path = _compare_config(compare)
+    compare_dir = Path(output_dir) / compare_path.stem
+    compare_overrides = [*overrides[1:], f"output_dir={compare_dir}"]
+    load_config(GRPOConfig, compare_path, compare_overrides)  # a bad config fails before any training
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        other = pool.submit(_train_alone, str(compare_path), compare_overrides)
+        torch.set_num_threads(1)  # the two runs share the machine's cores
+        trainer = GRPOTrainer(cfg)
+        summary = trainer.train()
+        other.result()  # re-raises the comparison run's error, if any
+    return write_report(trainer, summary, time.perf_counter() - start, compare_dir=compare_dir)
+
+
+def _compare_config(compare: str | Path) -> Path:
+    path = Path(compare)
+    if path.is_file():
+        return path
+    packaged = packaged_config(f"mini/{compare}.yaml")
+    if packaged.is_file():
+        return packaged
+    raise FileNotFoundError(
+        f"--compare {compare}: no such config file, nor a packaged configs/mini/{compare}.yaml"
+    )
+
+
+def _train_alone(config: str, overrides: list[str]) -> dict[str, Any]:
+    """The comparison run, in its own process with one thread."""
+    torch.set_num_threads(1)
+    return GRPOTrainer(load_config(GRPOConfig, config, overrides)).train()
 
 
 def _kind_rows(kinds: list[str], per_kind: int) -> list[int]:
@@ -57,7 +94,9 @@ def _kind_rows(kinds: list[str], per_kind: int) -> list[int]:
     return [i for rows in chosen.values() for i in rows]
 
 
-def write_report(trainer: GRPOTrainer, summary: dict[str, Any], wall_time: float) -> Path:
+def write_report(
+    trainer: GRPOTrainer, summary: dict[str, Any], wall_time: float, compare_dir: Path | None = None
+) -> Path:
     out = Path(trainer.config.output_dir)
     records = read_metrics(out / "metrics.jsonl")
     history = trainer.history["eval"]
@@ -71,18 +110,25 @@ def write_report(trainer: GRPOTrainer, summary: dict[str, Any], wall_time: float
     per_image = trainer.config.eval.images_per_prompt
     examples = [e for e in trainer.heldout for _ in range(per_image)]
     rows = _kind_rows([e.kind for e in examples], per_kind=3)
+    columns = [base_images, trained_images]
+    compare_images, compare_name = None, None
+    if compare_dir is not None:
+        compare_history = json.loads((compare_dir / "final" / "eval_history.json").read_text())
+        last_compare = compare_history[-1]["step"]
+        compare_images = torch.load(compare_dir / "samples" / f"eval-step-{last_compare:06d}.pt")
+        columns.append(compare_images)
+        compare_name = compare_dir.name
     references = torch.stack([examples[i].reference for i in rows])
-    save_png(
-        grid([references, base_images[rows], trained_images[rows]]), out / "grid_reference_base_trained.png"
-    )
+    save_png(grid([references, *(c[rows] for c in columns)]), out / "grid_reference_base_trained.png")
     # The prompts that ask to change the subject's look: where identity and prompt following fight.
     edits = [i for i, e in enumerate(examples) if _asks_property(e.prompt)][:16]
     if edits:
         edit_refs = torch.stack([examples[i].reference for i in edits])
-        save_png(
-            grid([edit_refs, base_images[edits], trained_images[edits]]), out / "grid_property_edits.png"
-        )
+        save_png(grid([edit_refs, *(c[edits] for c in columns)]), out / "grid_property_edits.png")
     changes = paired_changes(trainer, examples, base_images, trained_images)
+    compare_changes = None
+    if compare_images is not None:  # paired with the same base images: same base, seeds and examples
+        compare_changes = paired_changes(trainer, examples, base_images, compare_images)
 
     conflict = [r["conflict_rate"] for r in records if r.get("conflict_rate") is not None]
     metrics = {
@@ -95,6 +141,7 @@ def write_report(trainer: GRPOTrainer, summary: dict[str, Any], wall_time: float
         "conflict_rate_mean": sum(conflict) / len(conflict) if conflict else None,
         "world_version": trainer.config.data.options.get("version"),
         "changes": changes,
+        "compare": {"method": compare_name, "changes": compare_changes} if compare_name else None,
     }
     atomic_write_json(out / "metrics.json", metrics)
     edit_examples = [examples[i] for i in edits]
@@ -159,11 +206,29 @@ def _markdown(metrics: dict[str, Any], grid_examples, edit_examples=()) -> str:
             f"| {group} | {reward} | {c['n']} | {c['base']:.4f} | {c['trained']:.4f} |"
             f" {c['change']:+.4f} ± {c['ci95']:.4f} |"
         )
+    compare = metrics.get("compare")
+    if compare:
+        table += [
+            "",
+            f"Trained with `{compare['method']}` (second process, same base, seed and held-out images):",
+            "",
+        ]
+        table += [
+            "| held-out images | reward | base | trained | change (95% interval) |",
+            "|---|---|---|---|---|",
+        ]
+        for key, c in compare["changes"].items():
+            group, reward = key.rsplit("/", 1)
+            table.append(
+                f"| {group} | {reward} | {c['base']:.4f} | {c['trained']:.4f} |"
+                f" {c['change']:+.4f} ± {c['ci95']:.4f} |"
+            )
+    columns = "reference | base | trained" + (f" | {compare['method']}" if compare else "")
     rows = "\n".join(f"{i + 1}. ({e.kind}) {e.prompt}" for i, e in enumerate(grid_examples))
     edit_rows = "\n".join(f"{i + 1}. {e.prompt}" for i, e in enumerate(edit_examples))
     edits = (
         f"""
-## Property-change prompts: reference | base | trained
+## Property-change prompts: {columns}
 The prompts that ask to change the subject's look, where identity and prompt following compete.
 ![property edits](grid_property_edits.png)
 
@@ -193,7 +258,7 @@ Mean reward-conflict rate over training (opposite-sign advantages; the paper mea
 ## Reward conflict over training
 ![conflict rate](conflict_rate.png)
 
-## Held-out subjects: reference | base | trained
+## Held-out subjects: {columns}
 ![grid](grid_reference_base_trained.png)
 
 Rows:
