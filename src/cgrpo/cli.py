@@ -125,9 +125,8 @@ def demo(
     ] = None,
 ) -> None:
     """Customized-GRPO on the mini world from the committed base, then runs/demo/report.md."""
-    from cgrpo.demo import run_demo
-
     from cgrpo.config import ConfigError
+    from cgrpo.demo import run_demo
 
     _quiet_library_progress_bars()
     try:
