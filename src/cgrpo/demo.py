@@ -23,6 +23,7 @@ from cgrpo.io import atomic_write_json, atomic_write_text
 from cgrpo.plots import conflict_curve, reward_curves
 from cgrpo.train.config import GRPOConfig
 from cgrpo.train.grpo import GRPOTrainer
+from cgrpo.train.heldout import ci95
 from cgrpo.train.logger import read_metrics
 
 DEMO_CONFIG = "mini/customized_grpo.yaml"
@@ -189,40 +190,37 @@ def paired_changes(
                 "base": float(before[indices].nanmean()),
                 "trained": float(after[indices].nanmean()),
                 "change": float(diff.mean()) if n else float("nan"),
-                "ci95": float(1.96 * diff.std() / n**0.5) if n > 1 else float("nan"),
+                "ci95": ci95(diff),
                 "n": n,
             }
     return out
 
 
-def _markdown(metrics: dict[str, Any], grid_examples, edit_examples=()) -> str:
+def _changes_table(changes: dict[str, dict[str, float]]) -> list[str]:
+    """Markdown rows of :func:`paired_changes`."""
     table = [
         "| held-out images | reward | n | base | trained | change (95% interval) |",
         "|---|---|---|---|---|---|",
     ]
-    for key, c in metrics["changes"].items():
+    for key, c in changes.items():
         group, reward = key.rsplit("/", 1)
         table.append(
             f"| {group} | {reward} | {c['n']} | {c['base']:.4f} | {c['trained']:.4f} |"
             f" {c['change']:+.4f} ± {c['ci95']:.4f} |"
         )
+    return table
+
+
+def _markdown(metrics: dict[str, Any], grid_examples, edit_examples=()) -> str:
+    table = _changes_table(metrics["changes"])
     compare = metrics.get("compare")
     if compare:
         table += [
             "",
             f"Trained with `{compare['method']}` (second process, same base, seed and held-out images):",
             "",
+            *_changes_table(compare["changes"]),
         ]
-        table += [
-            "| held-out images | reward | base | trained | change (95% interval) |",
-            "|---|---|---|---|---|",
-        ]
-        for key, c in compare["changes"].items():
-            group, reward = key.rsplit("/", 1)
-            table.append(
-                f"| {group} | {reward} | {c['base']:.4f} | {c['trained']:.4f} |"
-                f" {c['change']:+.4f} ± {c['ci95']:.4f} |"
-            )
     columns = "reference | base | trained" + (f" | {compare['method']}" if compare else "")
     rows = "\n".join(f"{i + 1}. ({e.kind}) {e.prompt}" for i, e in enumerate(grid_examples))
     edit_rows = "\n".join(f"{i + 1}. {e.prompt}" for i, e in enumerate(edit_examples))

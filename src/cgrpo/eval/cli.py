@@ -291,18 +291,20 @@ def analyze_exploration(
     flat groups, and how often property prompts' rollouts draw the asked property."""
     import json
 
+    import torch
+
     from cgrpo.config import load_config
     from cgrpo.eval.exploration import explore
     from cgrpo.eval.runner import resolve_lora
     from cgrpo.io import atomic_write_json
     from cgrpo.rewards.mini import reward_breakdown
-    from cgrpo.sde import flux_sigmas
+    from cgrpo.sde import flux_sigmas, steps_to_mask
     from cgrpo.train.components import build_datasets, build_policy, build_rewards
     from cgrpo.train.config import GRPOConfig
 
-    eval_options = f"{{num_subjects: {num_subjects}, prompts_per_kind: {prompts_per_kind}}}"
-    extra = [f"data.options.eval={eval_options}"] if _is_mini(config, overrides) else []
-    cfg = load_config(GRPOConfig, config, [*(overrides or []), *extra])
+    cfg = load_config(GRPOConfig, config, list(overrides or []))
+    if cfg.data.name == "mini":
+        cfg.data.options["eval"] = {"num_subjects": num_subjects, "prompts_per_kind": prompts_per_kind}
     policy = build_policy(cfg.policy)
     if lora is not None:
         policy.load_lora(resolve_lora(lora))
@@ -312,7 +314,10 @@ def analyze_exploration(
     identity, prompt = build_rewards(cfg)
     s = cfg.sampling
     sigmas = flux_sigmas(s.num_steps, image_seq_len=policy.latent_shape[0], shift=s.shift)
-    sde_steps = torch_sde_mask(s.num_steps, s.sde_steps)
+    # the first sampling.sde_steps steps are stochastic (default all but the last), as in training
+    sde_steps = steps_to_mask(
+        torch.arange(s.num_steps - 1 if s.sde_steps is None else s.sde_steps), s.num_steps
+    )
     result = explore(
         policy,
         heldout,
@@ -352,22 +357,6 @@ def analyze_exploration(
         console.print(f"wrote {out}")
     else:
         console.print(json.dumps(result["all"], indent=1))
-
-
-def _is_mini(config: Path, overrides: list[str] | None) -> bool:
-    from cgrpo.config import load_config
-    from cgrpo.train.config import GRPOConfig
-
-    return load_config(GRPOConfig, config, list(overrides or [])).data.name == "mini"
-
-
-def torch_sde_mask(num_steps: int, sde_steps: int | None):
-    """``[T]`` bool: the first ``sde_steps`` steps are stochastic (default all but the last): as trained."""
-    import torch
-
-    mask = torch.zeros(num_steps, dtype=torch.bool)
-    mask[: num_steps - 1 if sde_steps is None else sde_steps] = True
-    return mask
 
 
 @analyze_app.command("frequency")
