@@ -6,6 +6,7 @@ from typer.testing import CliRunner
 
 from cgrpo.cli import app
 from cgrpo.config import save_config
+from cgrpo.data import miniworld as mw
 from tests.test_grpo import tiny_config
 
 
@@ -33,7 +34,7 @@ def test_demo_report(tiny_policy_dir, tmp_path):
     assert abs(changes["all/prompt"]["change"] - delta) < 1e-6 and changes["all/prompt"]["ci95"] >= 0
     assert changes["property-change/id"]["n"] >= 2 and "grid_property_edits.png" in report
     assert (out / "grid_property_edits.png").stat().st_size > 1000
-    assert metrics["world_version"] == 1 and metrics["base"]["id_ci95"] > 0
+    assert metrics["world_version"] == mw.WORLD_VERSION == 2 and metrics["base"]["id_ci95"] > 0
 
 
 def test_demo_compare_trains_a_second_config_beside_it(tiny_policy_dir, tmp_path):

@@ -256,8 +256,8 @@ def _recolours(limit: int = 40) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 def test_faithful_color_share_stops_rewarding_a_painted_over_pattern():
     faithful, painted, refs, prompts = _recolours()
     assert len(prompts) >= 20
-    version_1 = rewards.build("mini_prompt")
-    honest = rewards.build("mini_prompt", faithful_color_share=0.3)
+    version_1 = rewards.build("mini_prompt", faithful_color_share=None)
+    honest = rewards.build("mini_prompt")  # version 2's default: saturated at a faithful recolour's share
     # version 1's colour term rates the painted-over subject above the faithful recolour
     assert version_1(painted, refs, prompts).mean() > version_1(faithful, refs, prompts).mean() + 0.02
     # with the share saturated at a faithful recolour's, painting over gains nothing on average ...

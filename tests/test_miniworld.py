@@ -302,7 +302,7 @@ def test_rendering_is_fast():
 def test_property_rate_makes_edits_of_the_look_rare_and_keeps_the_rest():
     full = WORLD.dataset("train", prompts_per_subject=16, seed=0)
     rare = WORLD.dataset("train", prompts_per_subject=16, seed=0, property_rate=0.2)
-    share = [sum(mw.asks_property(p) for _, p, _ in d.entries) / len(d) for d in (full, rare)]
+    share = [sum(mw.asks_property(p) for _, p, *_ in d.entries) / len(d) for d in (full, rare)]
     # 0.2 keeps about a fifth of the property-change prompts; the other kinds fill the freed draws
     assert 0.25 < share[0] < 0.36 and 0.04 < share[1] < 0.10
     assert share[1] / share[0] == pytest.approx(0.2 / (1 - share[0] + 0.2 * share[0]), rel=0.25)
@@ -312,6 +312,46 @@ def test_property_rate_makes_edits_of_the_look_rare_and_keeps_the_rest():
     assert not mw.asks_property("a small heart in the top left")
     with pytest.raises(ValueError, match="property_rate"):
         WORLD.dataset("train", property_rate=0.0)
+
+
+def test_imperfect_pairs_drift_details_and_copy_paste_a_share_of_the_targets():
+    clean = WORLD.dataset("train", prompts_per_subject=8, seed=3)
+    imperfect = WORLD.dataset("train", prompts_per_subject=8, seed=3, detail_drift=0.5, copy_paste=0.3)
+    assert (
+        imperfect.entries
+        == WORLD.dataset("train", prompts_per_subject=8, seed=3, detail_drift=0.5, copy_paste=0.3).entries
+    )
+    assert all(drawn == subject and shown == prompt for subject, prompt, _, drawn, shown in clean.entries)
+    drifted = [(subject, drawn) for subject, _, _, drawn, _ in imperfect.entries if drawn != subject]
+    assert 0.4 < len(drifted) / len(imperfect) < 0.6
+    for subject, drawn in drifted:
+        fields = ("shape", "body_color", "pattern", "pattern_color", "mark", "mark_color")
+        differ = [f for f in fields if getattr(subject, f) != getattr(drawn, f)]
+        assert set(differ) <= {"mark", "mark_color", "pattern_color"}
+        # two details, or one when the subject has no second (a solid subject with one valid mark colour)
+        assert len(differ) == 2 or (len(differ) == 1 and drawn.pattern == "solid")
+        colors = [mw.COLORS[c] for c in drawn.colors] + [mw.DEFAULT_BACKGROUND]
+        pairs = [(a, b) for i, a in enumerate(colors) for b in colors[i + 1 :]]
+        assert all(mw._distance(a, b) >= mw.MIN_CONTRAST for a, b in pairs)
+        assert drawn.mark in mw.valid_marks(drawn.shape)
+    # copy-paste: the target shows the plain prompt's composition, whatever the prompt asked
+    pasted = [(s, prompt, shown) for s, prompt, _, _, shown in imperfect.entries if shown != prompt]
+    non_plain = [e for e in imperfect.entries if e[1] != e[0].class_name]
+    assert 0.2 < len(pasted) / len(non_plain) < 0.4
+    assert all(shown == subject.class_name for subject, _, shown in pasted)
+    index = next(i for i, e in enumerate(imperfect.entries) if e[3] != e[0] and e[4] == e[1])
+    example = imperfect[index]
+    subject = imperfect.entries[index][0]
+    assert torch.equal(example.reference, WORLD.reference(subject))  # references are always exact
+    assert not torch.equal(example.target, WORLD.render(subject, example.prompt))
+    index = next(i for i, e in enumerate(imperfect.entries) if e[3] == e[0] and e[4] != e[1])
+    assert torch.equal(imperfect[index].target, WORLD.reference(imperfect.entries[index][0]))
+    # held-out ground truths are always exact
+    assert all(s == d and p == shown for s, p, _, d, shown in WORLD.eval_set(num_subjects=8).entries)
+    with pytest.raises(ValueError, match="detail_drift"):
+        WORLD.dataset("train", detail_drift=1.5)
+    with pytest.raises(ValueError, match="copy_paste"):
+        WORLD.dataset("train", copy_paste=-0.1)
 
 
 def test_world_version_is_checked():

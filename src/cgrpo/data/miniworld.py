@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -39,9 +39,12 @@ from cgrpo.data.base import Example
 KINDS = ("plain", "context", "placement", "property", "combo")
 
 # Which mini world a result comes from; configs name it (``data.options.version``) and every run records it,
-# so that numbers of different worlds are never compared. 1: the first wave's committed base (2,500 SFT steps
-# on the full prompt mix, not converged; docs/mini-world.md). A new base or new rewards get a new version.
-WORLD_VERSION = 1
+# so that numbers of different worlds are never compared. A new base or new rewards get a new version
+# (docs/mini-world.md):
+# 1: the first wave's base (2,500 SFT steps on the full prompt mix, not converged);
+# 2: a base pre-trained to convergence on rare edits and imperfect pairs (configs/mini/sft_v2.yaml), and
+#    mini_prompt's colour term saturated at a faithful recolour's share.
+WORLD_VERSION = 2
 
 DEFAULT_BACKGROUND = (0.75, 0.75, 0.73)  # light neutral grey of every reference image
 DEFAULT_SIZE = 0.5  # subject extent as a fraction of the image side
@@ -516,6 +519,42 @@ def draw(subject: Subject, spec: PromptSpec, image_size: int) -> np.ndarray:
     return palette[index]
 
 
+def _detail_options(subject: Subject, detail: str) -> list[Subject]:
+    """Every valid ``subject`` with ``detail`` ("mark", "mark_color" or "pattern_color") redrawn."""
+    body, background = COLORS[subject.body_color], DEFAULT_BACKGROUND
+    if detail == "mark":
+        return [replace(subject, mark=m) for m in valid_marks(subject.shape) if m != subject.mark]
+    if detail == "pattern_color" and subject.pattern == "solid":
+        return []  # a solid subject's pattern colour is not drawn
+    other = subject.pattern_color if detail == "mark_color" else subject.mark_color
+    current = getattr(subject, detail)
+    return [
+        replace(subject, **{detail: c})
+        for c in ACCENT_COLORS
+        if c != current
+        and all(_distance(COLORS[c], x) >= MIN_CONTRAST for x in (body, COLORS[other], background))
+    ]
+
+
+DRIFT_DETAILS = ("mark", "mark_color", "pattern_color")
+
+
+def drift_subject(subject: Subject, rng: np.random.Generator, details: int = 2) -> Subject:
+    """``subject`` with ``details`` identity details redrawn (its mark moved, its mark or pattern recoloured).
+
+    Pre-training pairs of real subject-driven models are imperfect (UNO's pairs are synthesised by a
+    generator that sometimes loses details); a base pre-trained on drifted targets drifts the same way,
+    which the identity reward can then correct at no cost in prompt following."""
+    for detail in rng.permutation(DRIFT_DETAILS):
+        if details == 0:
+            break
+        options = _detail_options(subject, str(detail))
+        if options:
+            subject = options[int(rng.integers(len(options)))]
+            details -= 1
+    return subject
+
+
 def to_chw(image: np.ndarray) -> torch.Tensor:
     """``[H, W, 3]`` numpy -> ``[3, H, W]`` float32 tensor."""
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
@@ -627,18 +666,35 @@ class MiniWorld:
         kinds: Sequence[str] | None = None,
         seed: int = 0,
         property_rate: float = 1.0,
+        detail_drift: float = 0.0,
+        copy_paste: float = 0.0,
     ) -> MiniWorldDataset:
-        """``prompts_per_subject`` sampled prompts per subject of ``split`` (deterministic for ``seed``);
-        ``property_rate``: see :func:`sample_prompt`."""
+        """``prompts_per_subject`` sampled prompts per subject of ``split`` (deterministic for ``seed``).
+
+        The last three make the pairs as imperfect as real pre-training pairs (synthesised by generators);
+        references and held-out ground truths are always exact:
+        - ``property_rate``: see :func:`sample_prompt` (edits of the subject's look are rare);
+        - ``detail_drift``: the share of targets drawn with two identity details redrawn
+          (:func:`drift_subject`);
+        - ``copy_paste``: the share of targets that ignore the prompt and show the subject as in its
+          reference (centred, default size and look, grey background), the copy-paste pairs of synthetic data.
+        """
         kinds = _check_kinds(kinds)
+        for name, share in (("detail_drift", detail_drift), ("copy_paste", copy_paste)):
+            if not 0.0 <= share <= 1.0:
+                raise ValueError(f"mini-world {name} must be in [0, 1], got {share}")
         code = 0 if split == "train" else 1
         entries = []
         for i, subject in enumerate(self.subjects(split)):
             rng = np.random.default_rng([seed, code, i])
-            entries += [
-                (subject, *sample_prompt(subject, rng, kinds, property_rate))
-                for _ in range(prompts_per_subject)
-            ]
+            for _ in range(prompts_per_subject):
+                prompt, kind = sample_prompt(subject, rng, kinds, property_rate)
+                drawn, shown = subject, prompt
+                if detail_drift > 0 and _uniform(rng) < detail_drift:
+                    drawn = drift_subject(subject, rng)
+                if copy_paste > 0 and _uniform(rng) < copy_paste:
+                    shown = subject.class_name  # the plain prompt: the reference's composition
+                entries.append((subject, prompt, kind, drawn, shown))
         return MiniWorldDataset(self, entries)
 
     def eval_set(
@@ -659,14 +715,17 @@ class MiniWorld:
                 order = rng.permutation(len(groups))
                 for j in range(prompts_per_kind):
                     group = groups[order[j % len(groups)]]
-                    entries.append((subject, group[int(rng.integers(len(group)))], kind))
+                    prompt = group[int(rng.integers(len(group)))]
+                    entries.append((subject, prompt, kind, subject, prompt))
         return MiniWorldDataset(self, entries)
 
 
 class MiniWorldDataset:
     """A ``SubjectDataset`` over (subject, prompt, kind) entries; images are rendered on access."""
 
-    def __init__(self, world: MiniWorld, entries: Sequence[tuple[Subject, str, str]]) -> None:
+    def __init__(self, world: MiniWorld, entries: Sequence[tuple[Subject, str, str, Subject, str]]) -> None:
+        """``entries``: (subject, prompt, kind, the subject and the prompt its target is drawn of: the same
+        two unless the pair is imperfect, see :meth:`MiniWorld.dataset`)."""
         self.world = world
         self.entries = list(entries)
 
@@ -676,14 +735,14 @@ class MiniWorldDataset:
     def __getitem__(self, index: int) -> Example:
         if not -len(self) <= index < len(self):
             raise IndexError(f"mini-world dataset index {index} out of range for {len(self)} examples")
-        subject, prompt, kind = self.entries[index]
+        subject, prompt, kind, drawn, shown = self.entries[index]
         return Example(
             id=f"{subject.id}/{index % len(self)}",
             subject_id=subject.id,
             subject_class=subject.shape,
             prompt=prompt,
             reference=self.world.reference(subject),
-            target=self.world.render(subject, prompt),
+            target=self.world.render(drawn, shown),
             kind=kind,
         )
 
@@ -693,4 +752,4 @@ class MiniWorldDataset:
 
     @property
     def subjects(self) -> list[Subject]:
-        return [subject for subject, _, _ in self.entries]
+        return [subject for subject, *_ in self.entries]

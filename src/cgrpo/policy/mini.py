@@ -179,7 +179,7 @@ def mini(path: str | Path | None = None, **kw: Any) -> ReferenceFluxPolicy:
         if path is None:
             raise FileNotFoundError(
                 "the mini base weights (cgrpo/assets/mini_base) are missing: pass path=<policy directory> or "
-                "pretrain them with `python -m cgrpo.train.sft configs/mini/sft.yaml`"
+                "pretrain them with `cgrpo sft configs/mini/sft_v2.yaml`"
             )
     path = Path(path)
     if not (path / "transformer").is_dir():

@@ -16,8 +16,9 @@ scores every prompt gets: the class (outline against the shape family's prototyp
 colours without speckle, one connected subject). The reward is ``presence * (0.65 * mean(asked) +
 0.35 * mean(class, quality))``, or ``presence * mean(class, quality)`` for a plain prompt.
 
-Version 1's colour term keeps rising when a recolour paints over the pattern too (0.98 vs the faithful
-recolour's 0.94, docs/mini-world.md); ``faithful_color_share`` saturates it at a faithful recolour's share.
+Version 1's colour term kept rising when a recolour paints over the pattern too (0.98 vs the faithful
+recolour's 0.94, docs/mini-world.md); since version 2, ``faithful_color_share`` (0.3) saturates it at a
+faithful recolour's share (``None`` gives version 1's term).
 
 The property prompts ("a red heart", "a striped heart", "a heart upside down") are where the two fight: the
 faithful image changes exactly the features ``mini_id`` compares, and the copy fails what the prompt asks.
@@ -43,6 +44,8 @@ CANONICAL_SIZE = 16
 
 ID_WEIGHTS = {"shape": 0.2, "color": 0.3, "layout": 0.35, "texture": 0.15}
 PROMPT_WEIGHTS = {"asked": 0.65, "base": 0.35}
+# A faithful recolour keeps the pattern and the mark: about 30% of a subject's pixels take the asked colour.
+FAITHFUL_COLOR_SHARE = 0.3
 
 HISTOGRAM_BINS = 3  # per channel, at 0, 0.5, 1: 27 colour bins
 
@@ -312,12 +315,12 @@ def prompt_scores(
     prompts: Sequence[str],
     canonical_size: int = CANONICAL_SIZE,
     threshold: float = FOREGROUND_THRESHOLD,
-    faithful_color_share: float | None = None,
+    faithful_color_share: float | None = FAITHFUL_COLOR_SHARE,
 ) -> dict[str, torch.Tensor]:
     """Per-attribute prompt scores, each ``[N]`` in [0, 1]; NaN where the prompt does not ask for it.
 
     ``faithful_color_share``: a recolour scores 1 once this share of the subject's pixels has the asked
-    colour (a faithful recolour keeps the pattern and mark, about half the body); None keeps version 1's
+    colour (a faithful recolour keeps the pattern and mark, about half the body); None gives version 1's
     ``1 - exp(-share / 0.2)``, which still rises when the pattern is painted over too.
 
     Always present: ``presence``, ``class``, ``quality`` (and its parts ``flatness``, ``largest_share``,
@@ -479,7 +482,7 @@ class MiniPromptReward(_MiniReward):
     name = "mini_prompt"
     default_weights = PROMPT_WEIGHTS
 
-    def __init__(self, *args, faithful_color_share: float | None = None, **kwargs) -> None:
+    def __init__(self, *args, faithful_color_share: float | None = FAITHFUL_COLOR_SHARE, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if faithful_color_share is not None and not 0.0 < faithful_color_share <= 1.0:
             raise ValueError(

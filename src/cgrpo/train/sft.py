@@ -48,6 +48,12 @@ class SFTDataConfig:
     # Keep a drawn property-change prompt with this probability: < 1 makes edits of the subject's look rare
     # in the pre-training data, as they are in real data (the base then explores them rarely, not never).
     property_rate: float = 1.0
+    # The share of targets drawn with two identity details redrawn (mark moved, mark or pattern recoloured),
+    # as imperfect synthesised pairs are: the base then drifts too, and identity has headroom without copying.
+    detail_drift: float = 0.0
+    # The share of targets that ignore the prompt and show the subject as in its reference (copy-paste pairs):
+    # the base then sometimes ignores prompts, and prompt following has headroom that costs no identity.
+    copy_paste: float = 0.0
     world_seed: int = 0  # which mini world (subjects) to build
     eval_examples: int = 8  # held-out (test-split) examples sampled into every preview grid
     # A registered dataset exactly as a GRPO config names it (`data:` of configs/mini/customized_grpo.yaml):
@@ -302,6 +308,8 @@ def build_mini_data(config: SFTDataConfig, seed: int) -> tuple[Sequence[Example]
         kinds=kinds,
         seed=seed,
         property_rate=config.property_rate,
+        detail_drift=config.detail_drift,
+        copy_paste=config.copy_paste,
     )
     # The preview grid: one held-out subject per row, going round the prompt kinds (plain, context, ...).
     held_out = list(world.eval_set(num_subjects=config.eval_examples, prompts_per_kind=1))
