@@ -721,7 +721,8 @@ class MiniWorld:
 
 
 class MiniWorldDataset:
-    """A ``SubjectDataset`` over (subject, prompt, kind) entries; images are rendered on access."""
+    """A ``SubjectDataset`` over (subject, prompt, kind, target subject, target prompt) entries; images are
+    rendered on access."""
 
     def __init__(self, world: MiniWorld, entries: Sequence[tuple[Subject, str, str, Subject, str]]) -> None:
         """``entries``: (subject, prompt, kind, the subject and the prompt its target is drawn of: the same
