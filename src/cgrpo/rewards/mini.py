@@ -320,7 +320,7 @@ def prompt_scores(
     """Per-attribute prompt scores, each ``[N]`` in [0, 1]; NaN where the prompt does not ask for it.
 
     ``faithful_color_share``: a recolour scores 1 once this share of the subject's pixels has the asked
-    colour (a faithful recolour keeps the pattern and mark, about half the body); None gives version 1's
+    colour (a faithful recolour keeps the pattern and mark: about 30% of the subject); None gives version 1's
     ``1 - exp(-share / 0.2)``, which still rises when the pattern is painted over too.
 
     Always present: ``presence``, ``class``, ``quality`` (and its parts ``flatness``, ``largest_share``,
