@@ -3,7 +3,7 @@
     python benchmarks/gpu_iteration.py            # full size, bf16, CUDA (exits with a message without one)
     python benchmarks/gpu_iteration.py --tiny     # the same code path with a tiny config on the CPU
 
-What runs (the trainer's own pieces: :func:`cgrpo.train.rollout.rollout`,
+What runs (the trainer's own pieces: :func:`cgrpo.train.sampling.rollout`,
 :func:`cgrpo.sde.sde_step_with_logprob`, :func:`cgrpo.objective.clipped_policy_loss`, AdamW on peft LoRA
 parameters):
 
@@ -238,7 +238,7 @@ def grpo_iteration(policy, cond, optimizer, setup: Setup, generator: torch.Gener
     """Rollout (no grad) -> k trained steps (fwd + bwd, micro-batched) -> AdamW. Returns phase seconds."""
     from cgrpo.objective import clipped_policy_loss
     from cgrpo.sde import flux_sigmas, sde_step_with_logprob, select_steps
-    from cgrpo.train.rollout import rollout
+    from cgrpo.train.sampling import rollout
 
     device, G, T, k = setup.device, setup.group_size, setup.num_steps, setup.train_steps
     sigmas = flux_sigmas(T, image_seq_len=setup.image_tokens)

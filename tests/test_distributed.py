@@ -20,7 +20,7 @@ from cgrpo.train.config import GRPOConfig
 from cgrpo.train.distributed import Distributed
 from cgrpo.train.grpo import GRPOTrainer
 from cgrpo.train.logger import read_metrics
-from cgrpo.train.rollout import rollout
+from cgrpo.train.sampling import rollout
 
 
 def spanning_config(policy_dir, output_dir, *overrides) -> GRPOConfig:

@@ -280,7 +280,7 @@ def test_stepwise_advantages_end_at_the_final_images_advantages(tmp_path):
     from cgrpo.eval.analyses import conflict_analysis, stepwise_advantages
     from cgrpo.policy.mini import tiny_policy_for_tests
     from cgrpo.sde import flux_sigmas
-    from cgrpo.train.rollout import rollout
+    from cgrpo.train.sampling import rollout
 
     policy, group = tiny_policy_for_tests(), 4
     examples = list(MiniWorld(image_size=16, num_train_subjects=0, num_test_subjects=2).eval_set(2, 1))[:2]

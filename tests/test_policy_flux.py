@@ -19,7 +19,8 @@ from cgrpo.policy.flux import (
     unpack,
 )
 from cgrpo.policy.mini import tiny_policy_for_tests
-from cgrpo.train.sampling import flux_sigmas, sample_ode
+from cgrpo.sde import flux_sigmas
+from cgrpo.train.sampling import ode_sample
 
 PROMPTS = ["a photo of a red cube", "a blue ball on the left"]
 
@@ -220,15 +221,19 @@ def test_conditioning_repeat_interleave_and_index(policy):
     assert len(Conditioning.cat([cond, part])) == 4
 
 
-def test_sample_ode(policy):
+def test_ode_sample(policy):
     sigmas = flux_sigmas(4, shift=1.0)
     assert torch.allclose(sigmas, torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))
     shifted = flux_sigmas(4, shift=3.0)
     assert shifted[0] == 1 and shifted[-1] == 0 and (shifted[1:-1] > sigmas[1:-1]).all()
     references, _, _ = _inputs(policy)
     cond = policy.condition(PROMPTS, references)
-    a = sample_ode(policy, cond, 3, generator=torch.Generator().manual_seed(0))
-    b = sample_ode(policy, cond, 3, generator=torch.Generator().manual_seed(0))
+    a = ode_sample(
+        policy, cond, flux_sigmas(3, shift=1.0), policy.initial_noise(2, torch.Generator().manual_seed(0))
+    )
+    b = ode_sample(
+        policy, cond, flux_sigmas(3, shift=1.0), policy.initial_noise(2, torch.Generator().manual_seed(0))
+    )
     assert a.shape == (2, 16, 48) and torch.equal(a, b)
 
 

@@ -15,7 +15,7 @@ interleaved pair are reported beside it.
 - ``sars_tdw_overhead``: iteration time with SARS + TDW over the naive weighted sum (Eq. 9), minus 1.
   Target <= 0.01. The advantage arithmetic itself is also timed alone (microseconds), which gives the
   overhead with far less noise than the difference of two ~10 s iterations.
-- ``rollout_throughput``: images/s of :func:`cgrpo.train.rollout.rollout` (SDE steps with log-probs,
+- ``rollout_throughput``: images/s of :func:`cgrpo.train.sampling.rollout` (SDE steps with log-probs,
   stored transitions) over a plain sampling loop with diffusers' ``FlowMatchEulerDiscreteScheduler`` on the
   same model, sigmas and batch. Target >= 1.0.
 - ``scaling``: seconds per iteration against G and against k (JSON and ``scaling.png``).
@@ -263,7 +263,7 @@ def bench_rollout(trainer, reps: int) -> dict[str, Any]:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from cgrpo.sde import flux_mu
-    from cgrpo.train.rollout import rollout
+    from cgrpo.train.sampling import rollout
 
     cfg = trainer.config
     policy = trainer.policy

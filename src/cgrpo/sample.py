@@ -69,15 +69,6 @@ def override_guidance(policy: Policy, guidance: float | None) -> Iterator[None]:
         setattr(policy, name, old)
 
 
-def default_sigmas(policy: Policy, num_steps: int | None) -> torch.Tensor:
-    """The policy's own schedule (``policy.sigmas``) or FLUX's dynamic shift at its token count."""
-    from cgrpo.sde import flux_sigmas
-
-    if hasattr(policy, "sigmas"):
-        return policy.sigmas(num_steps)
-    return flux_sigmas(num_steps or 28, image_seq_len=policy.latent_shape[0])
-
-
 @torch.no_grad()
 def sample(
     policy: Policy,
@@ -97,7 +88,7 @@ def sample(
     Returns PIL images of the policy's ``image_size``.
     """
     from cgrpo.imaging import to_uint8
-    from cgrpo.train.sampling import sample_ode
+    from cgrpo.train.sampling import schedule, seeded_images
 
     if len(references) != len(prompts):
         raise ValueError(f"{len(references)} references for {len(prompts)} prompts: expected one per prompt")
@@ -105,7 +96,7 @@ def sample(
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
     size = tuple(policy.image_size)
-    sigmas = default_sigmas(policy, num_steps)
+    sigmas = schedule(policy, num_steps)
     stacks = [None if r is None else _reference_stack(r, size) for r in references]
     was_training = policy.training
     policy.eval()
@@ -115,13 +106,8 @@ def sample(
             for chunk in _chunks(stacks, batch_size):
                 refs = None if stacks[chunk[0]] is None else torch.stack([stacks[i] for i in chunk])
                 cond = policy.condition([prompts[i] for i in chunk], refs)
-                noise = torch.cat(
-                    [policy.initial_noise(1, torch.Generator().manual_seed(seeds[i])) for i in chunk]
-                )
                 # Noise is drawn on the CPU (the same numbers on any machine), then integrated on the device.
-                device = getattr(policy, "device", "cpu")
-                latents = sample_ode(policy, cond, len(sigmas) - 1, sigmas=sigmas, latents=noise.to(device))
-                decoded = policy.decode(latents)
+                decoded = seeded_images(policy, cond, [seeds[i] for i in chunk], sigmas)
                 images += [Image.fromarray(a) for a in to_uint8(decoded)]
     finally:
         policy.train(was_training)

@@ -333,18 +333,17 @@ def denoising_predictions(
     samples, ``T`` decoded predictions ``[keep, 3, H, W]``. The last prediction equals the final sample (the
     last Euler step goes to sigma 0 along the same velocity).
     """
-    from cgrpo.sde import ode_step
+    from cgrpo.train.sampling import ode_sample
 
-    x = noise
     spectra, kept = [], []
-    for t in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[t]), float(sigmas[t + 1])
-        velocity = policy.velocity(x, torch.full((x.shape[0],), sigma, device=x.device), cond).float()
-        x0_hat = policy.decode(x.float() - sigma * velocity).float().cpu()
+
+    def record(t: int, x: torch.Tensor, velocity: torch.Tensor) -> None:
+        x0_hat = policy.decode(x.float() - float(sigmas[t]) * velocity.float()).float().cpu()
         spectra.append(spectrum(x0_hat))
         if keep:
             kept.append(x0_hat[:keep])
-        x = ode_step(velocity, sigma, sigma_next, x)
+
+    ode_sample(policy, cond, sigmas, noise, on_step=record)
     return spectra, kept
 
 
@@ -388,6 +387,8 @@ def frequency_analysis(
 ) -> dict[str, Any]:
     """Fig. 4 over (prompt, reference ``[B, 3, H, W]``, seed) triples -> ``frequency.json``, ``frequency.png``
     (normalised curves per step) and ``frequency_progression.png`` (x0_hat per step for ``show`` samples)."""
+    from cgrpo.train.sampling import seeded_noise
+
     out = Path(out)
     device = next(policy.parameters()).device
     all_spectra: list[list[torch.Tensor]] = []
@@ -395,11 +396,9 @@ def frequency_analysis(
     for start in range(0, len(prompts), batch_size):
         stop = min(start + batch_size, len(prompts))
         cond = policy.condition(list(prompts[start:stop]), references[start:stop].to(device))
-        noise = torch.cat(
-            [policy.initial_noise(1, torch.Generator().manual_seed(int(s))) for s in seeds[start:stop]]
-        )
         keep = max(0, min(show - start, stop - start))
-        spectra, kept = denoising_predictions(policy, cond, noise.to(device), sigmas, keep=keep)
+        noise = seeded_noise(policy, seeds[start:stop])
+        spectra, kept = denoising_predictions(policy, cond, noise, sigmas, keep=keep)
         all_spectra.append(spectra)
         if keep:
             shown.append(kept)

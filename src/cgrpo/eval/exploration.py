@@ -88,7 +88,8 @@ def explore(
     images = policy.decode(trajectory.final).cpu()
     r_id = torch.as_tensor(identity_reward(images, group_refs, prompts, subjects)).float()
     r_prompt = torch.as_tensor(prompt_reward(images, group_refs, prompts, subjects)).float()
-    ode_images = sample_images(policy, cond, sigmas, torch.Generator().manual_seed(seed)).cpu()
+    noise = policy.initial_noise(len(examples), torch.Generator().manual_seed(seed))
+    ode_images = sample_images(policy, cond, sigmas, noise).cpu()
     e_prompts = [e.prompt for e in examples]
     e_subjects = [e.subject_class for e in examples]
     ode_id = torch.as_tensor(identity_reward(ode_images, references, e_prompts, e_subjects)).float()

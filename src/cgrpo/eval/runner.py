@@ -48,6 +48,7 @@ from cgrpo.eval import metrics as metric_info
 from cgrpo.eval.stats import DEFAULT_RESAMPLES, bootstrap_mean
 from cgrpo.imaging import grid, save_png
 from cgrpo.io import atomic_write_json, atomic_write_text
+from cgrpo.train.sampling import item_seed, seeded_images
 
 # No column but the metrics holds numbers other than the seed: the human-evaluation app keeps every other
 # numeric column as a reward score (the image index k is in the file name).
@@ -138,11 +139,6 @@ def prompt_slug(prompt: str) -> str:
     return slug
 
 
-def item_seed(seed: int, subject: str, prompt: str, k: int) -> int:
-    """A seed for one image, stable across runs, machines and Python versions (CRC-32, not ``hash``)."""
-    return zlib.crc32(f"{seed}|{subject}|{prompt}|{k}".encode()) & 0x7FFFFFFF
-
-
 def build_items(cases: Sequence[Case], images_per_prompt: int, seed: int) -> list[Item]:
     if images_per_prompt < 1:
         raise ConfigError(f"--images-per-prompt must be at least 1, got {images_per_prompt}")
@@ -204,18 +200,11 @@ def generate_images(
 ) -> torch.Tensor:
     """ODE samples ``[B, 3, H, W]`` in [0, 1] for B (prompt, reference ``[B, 3, h, w]``, seed) triples.
 
-    Each sample's initial noise comes from its own seed, so the result does not depend on the batch.
+    Each sample's initial noise comes from its own seed, so the result does not depend on the batch; the
+    trainer's held-out evaluation samples the same way (:func:`cgrpo.train.sampling.seeded_images`).
     """
-    from cgrpo.train.rollout import rollout
-
-    device = _policy_device(policy)
-    noise = torch.cat([policy.initial_noise(1, torch.Generator().manual_seed(int(s))) for s in seeds])
-    cond = policy.condition(list(prompts), references.to(device))
-    no_sde = torch.zeros(len(sigmas) - 1, dtype=torch.bool)
-    trajectory = rollout(
-        policy, cond, sigmas, no_sde, torch.Generator().manual_seed(0), initial_noise=noise.to(device)
-    )
-    return policy.decode(trajectory.final).float().cpu()
+    cond = policy.condition(list(prompts), references.to(_policy_device(policy)))
+    return seeded_images(policy, cond, seeds, sigmas).float().cpu()
 
 
 def policy_image_size(policy) -> int | None:

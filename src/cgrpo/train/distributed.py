@@ -5,7 +5,7 @@ How one iteration is split over W processes (ranks), so that W processes compute
 - every rank draws the same B (reference, prompt) pairs and the same trained steps (same seeds);
 - the N = B * G samples of the iteration are cut into W contiguous slices of N / W rows; rank r rolls out
   and scores rows ``local_rows(N)`` only. The noise is drawn for all N rows and sliced
-  (:func:`cgrpo.train.rollout.rollout`'s ``shard``), so 1 and W processes see the same samples;
+  (:func:`cgrpo.train.sampling.rollout`'s ``shard``), so 1 and W processes see the same samples;
 - rewards are all-gathered before group normalisation: a group may span ranks and its statistics still
   cover all G samples;
 - each rank back-propagates the mean loss over its rows; DDP (LoRA) or FSDP (full fine-tuning) average

@@ -36,7 +36,7 @@ from cgrpo.eval.analyses import log_advantages, truncate_advantages
 from cgrpo.imaging import grid, save_png
 from cgrpo.io import atomic_write_json
 from cgrpo.objective import clipped_policy_loss, gaussian_mean_kl
-from cgrpo.sde import flux_sigmas, sde_step_with_logprob, sde_window, select_steps, steps_to_mask
+from cgrpo.sde import sde_step_with_logprob, sde_window, select_steps, steps_to_mask
 from cgrpo.train.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
@@ -63,7 +63,7 @@ from cgrpo.train.config import GRPOConfig
 from cgrpo.train.distributed import Distributed
 from cgrpo.train.heldout import HeldoutResult, evaluate_heldout
 from cgrpo.train.logger import MetricsLogger
-from cgrpo.train.rollout import Trajectory, rollout
+from cgrpo.train.sampling import Trajectory, rollout, schedule
 
 
 class GRPOTrainer:
@@ -110,13 +110,8 @@ class GRPOTrainer:
             weight_decay=config.train.weight_decay,
         )
         self.lr_scheduler = build_lr_scheduler(self.optimizer, config.train)
-        image_seq_len = self.policy.latent_shape[0]
-        self.sigmas = flux_sigmas(
-            config.sampling.num_steps, image_seq_len=image_seq_len, shift=config.sampling.shift
-        )
-        self.eval_sigmas = flux_sigmas(
-            config.eval.num_steps, image_seq_len=image_seq_len, shift=config.sampling.shift
-        )
+        self.sigmas = schedule(self.policy, config.sampling.num_steps, config.sampling.shift)
+        self.eval_sigmas = schedule(self.policy, config.eval.num_steps, config.sampling.shift)
         # Rollout noise and step selection draw from their own generators so that resume is exact.
         self.rollout_generator = torch.Generator().manual_seed(config.seed)
         self.step_generator = torch.Generator().manual_seed(config.seed + 1)

@@ -1,7 +1,8 @@
 """Held-out evaluation during training: deterministic ODE samples scored with both rewards.
 
-The same seed gives every example the same initial noise, so the base policy and a trained policy are
-compared on identical inputs.
+Image k of an example starts from the noise of ``item_seed(seed, subject_id, prompt, k)``, the seed
+``cgrpo eval`` gives the same image: the base policy and a trained policy are compared on identical inputs,
+and the trainer's held-out images are the ones ``cgrpo eval`` generates (batching and micro-batch aside).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from cgrpo.data.base import Example
 from cgrpo.policy.base import Policy
 from cgrpo.rewards.base import Reward
-from cgrpo.train.rollout import sample_images
+from cgrpo.train.sampling import item_seed, seeded_images
 
 
 @dataclass
@@ -70,6 +71,8 @@ def evaluate_heldout(
     images_per_prompt: int = 1,
     micro_batch: int = 0,
 ) -> HeldoutResult:
+    """ODE samples of every example (``images_per_prompt`` each, seeded per image as the module docstring
+    says), scored with both rewards."""
     prompts = [e.prompt for e in examples for _ in range(images_per_prompt)]
     subjects = [e.subject_class for e in examples for _ in range(images_per_prompt)]
     references = torch.stack([e.reference for e in examples]).repeat_interleave(images_per_prompt, dim=0)
@@ -78,8 +81,8 @@ def evaluate_heldout(
     policy.eval()  # before conditioning: a text encoder with dropout must not encode in train mode
     cond = policy.condition([e.prompt for e in examples], torch.stack([e.reference for e in examples]))
     cond = cond.repeat_interleave(images_per_prompt)
-    generator = torch.Generator().manual_seed(seed)
-    images = sample_images(policy, cond, sigmas, generator, micro_batch=micro_batch)
+    seeds = [item_seed(seed, e.subject_id, e.prompt, k) for e in examples for k in range(images_per_prompt)]
+    images = seeded_images(policy, cond, seeds, sigmas, micro_batch=micro_batch)
     policy.train(was_training)
     identity = torch.as_tensor(identity_reward(images, references, prompts, subjects)).float().cpu()
     prompt = torch.as_tensor(prompt_reward(images, references, prompts, subjects)).float().cpu()

@@ -298,7 +298,7 @@ def build_preferences(
     generator: torch.Generator,
 ) -> PreferenceData:
     """Sample K candidates per example with the base policy, score them, pick best-vs-worst pairs."""
-    from cgrpo.train.rollout import rollout
+    from cgrpo.train.sampling import rollout
 
     p, s = config.pairs, config.sampling
     k = p.candidates
@@ -375,7 +375,6 @@ def run_rpo(config: RPOConfig, console: Any | None = None) -> dict[str, Any]:
     from cgrpo.config import save_config
     from cgrpo.imaging import grid, save_png
     from cgrpo.io import atomic_write_json
-    from cgrpo.sde import flux_sigmas
     from cgrpo.train.components import (
         BatchSampler,
         build_datasets,
@@ -385,6 +384,7 @@ def run_rpo(config: RPOConfig, console: Any | None = None) -> dict[str, Any]:
     )
     from cgrpo.train.heldout import evaluate_heldout
     from cgrpo.train.logger import MetricsLogger
+    from cgrpo.train.sampling import schedule
 
     console = console or Console(stderr=True)
     out = Path(config.output_dir)
@@ -399,9 +399,8 @@ def run_rpo(config: RPOConfig, console: Any | None = None) -> dict[str, Any]:
         raise ValueError("the policy has no trainable parameters (enable policy.lora or full training)")
     train_set, heldout = build_datasets(config.data, config.seed)
     identity_reward, prompt_reward = build_rewards(config)  # type: ignore[arg-type]
-    image_seq_len = policy.latent_shape[0]
-    sigmas = flux_sigmas(config.sampling.num_steps, image_seq_len=image_seq_len, shift=config.sampling.shift)
-    eval_sigmas = flux_sigmas(config.eval.num_steps, image_seq_len=image_seq_len, shift=config.sampling.shift)
+    sigmas = schedule(policy, config.sampling.num_steps, config.sampling.shift)
+    eval_sigmas = schedule(policy, config.eval.num_steps, config.sampling.shift)
     logger = MetricsLogger(out, tensorboard=config.log.tensorboard, wandb=config.log.wandb, console=console)
     history: list[dict[str, Any]] = []
 

@@ -32,8 +32,9 @@ from cgrpo.config import ConfigError, load_config, save_config
 from cgrpo.data.base import Example
 from cgrpo.policy.base import Conditioning
 from cgrpo.policy.flux import ReferenceFluxPolicy, atomic_directory
+from cgrpo.sde import flux_sigmas
 from cgrpo.train.config import DataConfig, LoraConfig, RewardsConfig
-from cgrpo.train.sampling import sample_ode
+from cgrpo.train.sampling import sample_images
 
 # --- config ------------------------------------------------------------------------------------------
 
@@ -391,7 +392,9 @@ def evaluate(
     noise = torch.randn(len(examples), n, c, generator=generator)
     loss = (loss_fn or flow_matching_loss)(policy, prompts, references, targets, sigma, noise)
     cond = policy.condition(prompts, references)
-    images = policy.decode(sample_ode(policy, cond, sample_steps, generator=generator))
+    # The previews keep their plain schedule (no shift) and draw their noise after the loss's.
+    noise = policy.initial_noise(len(examples), generator)
+    images = sample_images(policy, cond, flux_sigmas(sample_steps, shift=1.0), noise)
     metrics = {
         "eval/loss": float(loss),
         "eval/sample_mse": float(torch.mean((images - targets.to(images.device)) ** 2)),
@@ -446,8 +449,8 @@ class _Heldout:
     def __init__(
         self, config: SFTConfig, policy: ReferenceFluxPolicy, examples: Sequence[Example] | None
     ) -> None:
-        from cgrpo.sde import flux_sigmas
         from cgrpo.train.components import build_rewards
+        from cgrpo.train.sampling import schedule
 
         h = config.heldout
         if examples is None:
@@ -460,7 +463,7 @@ class _Heldout:
         self.config = h
         self.policy = policy
         self.identity, self.prompt = build_rewards(h)  # type: ignore[arg-type]
-        self.sigmas = flux_sigmas(h.num_steps, image_seq_len=policy.latent_shape[0], shift=h.shift)
+        self.sigmas = schedule(policy, h.num_steps, h.shift)
 
     def evaluate(self) -> dict[str, float]:
         from cgrpo.train.heldout import evaluate_heldout
