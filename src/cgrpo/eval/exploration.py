@@ -27,7 +27,7 @@ from cgrpo.advantage import group_stats
 from cgrpo.data.base import Example
 from cgrpo.policy.base import Policy
 from cgrpo.rewards.base import Reward
-from cgrpo.train.rollout import rollout, sample_images
+from cgrpo.train.sampling import rollout, sample_images
 
 PROPERTY_ATTRIBUTES = ("color", "pattern", "upside_down")
 
