@@ -72,7 +72,7 @@ class SamplingConfig:
     # the final image carries no injected noise (MixGRPO's idea, fixed window). Trained steps come from these.
     sde_steps: int | None = None
     formulation: Literal["flow_grpo", "dance_grpo", "cps"] = "flow_grpo"
-    shift: float | None = None  # static sigma shift; None = FLUX's resolution-dependent shift
+    shift: float | None = None  # static sigma shift; None = the policy's own schedule (else FLUX's dynamic)
     guidance: float | None = None  # for guidance-distilled backbones (FLUX.1-dev: 3.5 in UNO)
     micro_batch: int = 0  # rollout forward batch; 0 = the whole group batch at once
 

@@ -102,7 +102,7 @@ class SFTHeldoutConfig:
     enabled: bool = False
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
     num_steps: int = 10  # ODE steps (GRPO's eval.num_steps)
-    shift: float | None = None  # sigma shift (GRPO's sampling.shift); None = FLUX's resolution-dependent one
+    shift: float | None = None  # sigma shift (GRPO's sampling.shift); None = the policy's own schedule
     seed: int = 1234  # GRPO's eval.seed: the same initial noise as the GRPO runs' evaluations
     images_per_prompt: int = 1
     micro_batch: int = 0  # GRPO's sampling.micro_batch (batch composition changes float sums slightly)
