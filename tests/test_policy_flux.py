@@ -18,7 +18,7 @@ from cgrpo.policy.flux import (
     uno_reference_ids,
     unpack,
 )
-from cgrpo.policy.mini import tiny_policy_for_tests
+from cgrpo.testing.policies import tiny_policy_for_tests
 from cgrpo.train.sampling import flux_sigmas, sample_ode
 
 PROMPTS = ["a photo of a red cube", "a blue ball on the left"]

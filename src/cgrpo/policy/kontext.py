@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from cgrpo.policy.base import register
 from cgrpo.policy.flux import ReferenceFluxPolicy, flux_image_ids
-from cgrpo.policy.uno import FluxBackbonePolicy, _policy_kwargs, load_flux_components, parse_dtype
+from cgrpo.policy.flux_backbone import FluxBackbonePolicy, load_backbone_policy, pop_backbone_switches
 
 KONTEXT_IMAGE_SIZE = 512
 KONTEXT_NUM_STEPS = 28
@@ -88,18 +88,18 @@ def load_kontext(
     **options: Any,
 ) -> KontextPolicy:
     """Build the ``flux-kontext`` policy from a diffusers FLUX.1 Kontext folder (same layout as FLUX.1)."""
-    kwargs = _policy_kwargs(options)
-    if options:
-        raise TypeError(f"unknown flux-kontext policy option(s): {', '.join(sorted(options))}")
-    transformer, codec, text_encoder = load_flux_components(
-        flux_path, parse_dtype(dtype), parse_dtype(vae_dtype), max_text_length
+    policy = load_backbone_policy(
+        KontextPolicy,
+        flux_path,
+        dtype=dtype,
+        vae_dtype=vae_dtype,
+        image_size=image_size,
+        guidance=guidance,
+        max_text_length=max_text_length,
+        device=device,
+        prompt_embeddings=prompt_embeddings,
+        switches=pop_backbone_switches(options, "flux-kontext"),
     )
-    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    policy = KontextPolicy(transformer, codec, text_encoder, size, guidance=guidance, **kwargs)
-    if device is not None:
-        policy.to(device)
-    if prompt_embeddings is not None:
-        policy.load_prompt_embeddings(prompt_embeddings)
     return policy.eval()
 
 
@@ -108,10 +108,3 @@ def flux_kontext(**options: Any) -> KontextPolicy:
     if "flux_path" not in options:
         raise TypeError("the flux-kontext policy needs flux_path=<diffusers FLUX.1 Kontext folder>")
     return load_kontext(**options)
-
-
-def save_tiny_kontext(directory: str | Path, seed: int = 0) -> dict[str, str]:
-    """Tiny random FLUX.1 Kontext components (``FluxKontextPipeline`` layout) -> ``{"flux_path": ...}``."""
-    from cgrpo.policy.uno import save_tiny_flux
-
-    return save_tiny_flux(directory, seed=seed, pipeline="FluxKontextPipeline")
