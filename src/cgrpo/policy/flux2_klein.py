@@ -185,6 +185,7 @@ class Flux2KleinPolicy(OffloadedTextMixin, ReferenceFluxPolicy):
     """FLUX.2 [klein] policy. ``cfg_scale`` > 1 turns on classifier-free guidance (base checkpoints)."""
 
     pipeline_class_name = "Flux2KleinPipeline"
+    default_lora_targets = FLUX2_LORA_TARGETS
 
     def __init__(
         self,
@@ -306,24 +307,6 @@ class Flux2KleinPolicy(OffloadedTextMixin, ReferenceFluxPolicy):
             torch.cat([latents, latents]), torch.cat([sigma, sigma]), both
         ).chunk(2)
         return v_uncond + self.cfg_scale * (v_cond - v_uncond)
-
-    # --- LoRA ------------------------------------------------------------------------------------------
-    def add_lora(
-        self,
-        rank: int,
-        alpha: float,
-        dropout: float = 0.0,
-        target_modules: Sequence[str] | str | None = None,
-        init_lora_weights: bool | str = True,
-    ) -> None:
-        """As :meth:`ReferenceFluxPolicy.add_lora`; default targets :data:`FLUX2_LORA_TARGETS`."""
-        super().add_lora(
-            rank,
-            alpha,
-            dropout,
-            FLUX2_LORA_TARGETS if target_modules is None else target_modules,
-            init_lora_weights,
-        )
 
     # --- persistence -----------------------------------------------------------------------------------
     def policy_metadata(self) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -189,34 +189,35 @@ def load_flux_components(
     return transformer, VaeCodec(vae), text_encoder
 
 
+B = TypeVar("B", bound=FluxBackbonePolicy)
 BACKBONE_SWITCHES = ("offload", "prompt_cache", "decode_batch", "reference_size", "num_steps")
 
 
-def pop_backbone_switches(options: dict[str, Any], policy_name: str) -> dict[str, Any]:
-    """Take :class:`FluxBackbonePolicy`'s memory switches out of ``options``; anything left is an error."""
+def load_backbone_policy(
+    policy_class: type[B],
+    policy_name: str,
+    flux_path: str | Path,
+    *,
+    image_size: int | Sequence[int],
+    guidance: float,
+    dtype: str | torch.dtype | None = None,
+    vae_dtype: str | torch.dtype | None = "float32",
+    max_text_length: int | None = None,
+    device: str | None = None,
+    prompt_embeddings: str | Path | None = None,
+    **options: Any,
+) -> B:
+    """``policy_class`` on the components of a diffusers FLUX.1 folder (:func:`load_flux_components`).
+
+    ``device``: the policy is moved there right after loading (adapters are then merged on it, fast on a
+    GPU); the text encoders stay on the CPU with ``offload=True``. ``prompt_embeddings``: a file of
+    precomputed prompt embeddings loaded into the cache. ``options``: :class:`FluxBackbonePolicy`'s memory
+    switches (:data:`BACKBONE_SWITCHES`); anything else is an error naming ``policy_name``. The policy is left
+    in training mode: the caller adds its adapters (UNO's LoRA) and then calls ``.eval()``.
+    """
     switches = {k: options.pop(k) for k in BACKBONE_SWITCHES if k in options}
     if options:
         raise TypeError(f"unknown {policy_name} policy option(s): {', '.join(sorted(options))}")
-    return switches
-
-
-def load_backbone_policy(
-    policy_class: type[FluxBackbonePolicy],
-    flux_path: str | Path,
-    *,
-    dtype: str | torch.dtype | None,
-    vae_dtype: str | torch.dtype | None,
-    image_size: int | Sequence[int],
-    guidance: float,
-    max_text_length: int | None,
-    device: str | None,
-    prompt_embeddings: str | Path | None,
-    switches: dict[str, Any],
-) -> FluxBackbonePolicy:
-    """``policy_class`` on the components of a diffusers FLUX folder, moved to ``device`` right after loading.
-
-    Left in training mode: the caller adds its adapters (e.g. UNO's LoRA) and then calls ``.eval()``.
-    """
     transformer, codec, text_encoder = load_flux_components(
         flux_path, parse_dtype(dtype), parse_dtype(vae_dtype), max_text_length
     )

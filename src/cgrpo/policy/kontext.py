@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from cgrpo.policy.base import register
 from cgrpo.policy.flux import ReferenceFluxPolicy, flux_image_ids
-from cgrpo.policy.flux_backbone import FluxBackbonePolicy, load_backbone_policy, pop_backbone_switches
+from cgrpo.policy.flux_backbone import FluxBackbonePolicy, load_backbone_policy
 
 KONTEXT_IMAGE_SIZE = 512
 KONTEXT_NUM_STEPS = 28
@@ -78,27 +78,14 @@ class KontextPolicy(FluxBackbonePolicy):
 def load_kontext(
     flux_path: str | Path,
     *,
-    dtype: str | torch.dtype | None = None,
-    vae_dtype: str | torch.dtype | None = "float32",
     image_size: int | Sequence[int] = KONTEXT_IMAGE_SIZE,
     guidance: float = KONTEXT_GUIDANCE,
-    max_text_length: int | None = None,
-    device: str | None = None,
-    prompt_embeddings: str | Path | None = None,
     **options: Any,
 ) -> KontextPolicy:
-    """Build the ``flux-kontext`` policy from a diffusers FLUX.1 Kontext folder (same layout as FLUX.1)."""
+    """Build the ``flux-kontext`` policy from a diffusers FLUX.1 Kontext folder (same layout as FLUX.1);
+    ``options`` as :func:`~cgrpo.policy.flux_backbone.load_backbone_policy`."""
     policy = load_backbone_policy(
-        KontextPolicy,
-        flux_path,
-        dtype=dtype,
-        vae_dtype=vae_dtype,
-        image_size=image_size,
-        guidance=guidance,
-        max_text_length=max_text_length,
-        device=device,
-        prompt_embeddings=prompt_embeddings,
-        switches=pop_backbone_switches(options, "flux-kontext"),
+        KontextPolicy, "flux-kontext", flux_path, image_size=image_size, guidance=guidance, **options
     )
     return policy.eval()
 

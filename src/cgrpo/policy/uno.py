@@ -46,7 +46,6 @@ from cgrpo.policy.base import register
 from cgrpo.policy.flux_backbone import (
     FluxBackbonePolicy,
     load_backbone_policy,
-    pop_backbone_switches,
     resize_references,
 )
 from cgrpo.sde import flux_mu, flux_sigmas
@@ -99,39 +98,25 @@ def load_uno(
     flux_path: str | Path,
     lora_path: str | Path | None = None,
     *,
-    dtype: str | torch.dtype | None = None,
-    vae_dtype: str | torch.dtype | None = "float32",
     image_size: int | Sequence[int] = UNO_IMAGE_SIZE,
     guidance: float = UNO_GUIDANCE,
     lora_scale: float = 1.0,
     uno_lora_mode: str = "merge",
-    max_text_length: int | None = None,
-    device: str | None = None,
-    prompt_embeddings: str | Path | None = None,
     **options: Any,
 ) -> UnoPolicy:
-    """Build the ``uno`` policy (see the module docstring for the defaults).
+    """Build the ``uno`` policy (see the module docstring for the defaults). ``options``: ``dtype``,
+    ``vae_dtype``, ``max_text_length``, ``device``, ``prompt_embeddings`` and the memory switches of
+    :func:`~cgrpo.policy.flux_backbone.load_backbone_policy`.
 
-    ``device``: move the policy there right after loading, so that UNO's LoRA is merged on it (fast on a GPU);
-    the text encoders stay on the CPU with ``offload=True``. ``lora_path=None`` gives plain FLUX.1-dev with
-    UnoPE references (useful only for tests and ablations).
+    UNO's LoRA is merged on ``device`` when one is given. ``lora_path=None`` gives plain FLUX.1-dev with UnoPE
+    references (useful only for tests and ablations).
     """
     from cgrpo.policy.uno_lora import add_uno_lora_adapter, load_uno_lora_file, merge_uno_lora
 
-    switches = pop_backbone_switches(options, "uno")
     if uno_lora_mode not in ("merge", "adapter"):
         raise ValueError(f"uno_lora_mode must be 'merge' or 'adapter', got {uno_lora_mode!r}")
     policy = load_backbone_policy(
-        UnoPolicy,
-        flux_path,
-        dtype=dtype,
-        vae_dtype=vae_dtype,
-        image_size=image_size,
-        guidance=guidance,
-        max_text_length=max_text_length,
-        device=device,
-        prompt_embeddings=prompt_embeddings,
-        switches=switches,
+        UnoPolicy, "uno", flux_path, image_size=image_size, guidance=guidance, **options
     )
     if lora_path is not None:
         state = load_uno_lora_file(lora_path)
