@@ -19,7 +19,7 @@ def _seed():
 def tiny_policy_dir(tmp_path_factory):
     """A tiny random mini-world policy saved with ``save_pretrained`` (loaded back through ``mini(path)``)."""
     from cgrpo.data.miniworld import vocabulary
-    from cgrpo.policy.mini import tiny_policy_for_tests
+    from cgrpo.testing.policies import tiny_policy_for_tests
 
     path = tmp_path_factory.mktemp("policy")
     tiny_policy_for_tests(seed=0, vocabulary=vocabulary()).save_pretrained(path)

@@ -13,14 +13,14 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from cgrpo.data.cli import app, parse_options
 from cgrpo.data.dreambench import dreambench_examples, import_dreambench, parse_prompts_and_classes
-from cgrpo.data.filter import filter_dataset, zscore
 from cgrpo.data.formats import DatasetError, load_dataset, read_records
 from cgrpo.data.registry import DATASETS
 from cgrpo.data.syncd import import_syncd, read_syncd
 from cgrpo.data.validate import DatasetWarning, check_dataset, validate_dataset
+from cgrpo.data_cli import app, parse_options
 from cgrpo.rewards import REWARDS, register, to_tensor
+from cgrpo.rewards.filter import filter_dataset, zscore
 
 DREAMBENCH = Path(__file__).resolve().parents[1] / "shared" / "data" / "dreambench"
 if not DREAMBENCH.is_dir():

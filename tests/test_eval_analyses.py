@@ -11,9 +11,10 @@ import torch
 from scipy import stats
 from typer.testing import CliRunner
 
-from cgrpo.eval.analyses import band_energies, log_advantages, quadrants
+from cgrpo.eval.analyses import band_energies, quadrants
 from cgrpo.eval.cli import analyze_app
 from cgrpo.eval.runner import write_scores
+from cgrpo.train.advantage_log import log_advantages
 
 cli = CliRunner()
 
@@ -80,7 +81,7 @@ def test_band_energies_split_the_variance_and_separate_structure_from_detail():
 
 
 def test_frequency_analysis_of_a_tiny_policy(tmp_path):
-    from cgrpo.policy.mini import tiny_policy_for_tests
+    from cgrpo.testing.policies import tiny_policy_for_tests
 
     policy_dir = tmp_path / "policy"
     tiny_policy_for_tests().save_pretrained(policy_dir)
@@ -278,8 +279,8 @@ def test_stepwise_advantages_end_at_the_final_images_advantages(tmp_path):
     from cgrpo.advantage import group_normalize
     from cgrpo.data.miniworld import MiniWorld
     from cgrpo.eval.analyses import conflict_analysis, stepwise_advantages
-    from cgrpo.policy.mini import tiny_policy_for_tests
     from cgrpo.sde import flux_sigmas
+    from cgrpo.testing.policies import tiny_policy_for_tests
     from cgrpo.train.sampling import rollout
 
     policy, group = tiny_policy_for_tests(), 4

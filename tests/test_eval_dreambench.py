@@ -24,8 +24,8 @@ pytestmark = pytest.mark.skipif(not (ROOT / "prompts_and_classes.txt").is_file()
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from cgrpo.policy.mini import tiny_policy_for_tests
-    from cgrpo.rewards.tiny import save_tiny_clip, save_tiny_dino
+    from cgrpo.testing.policies import tiny_policy_for_tests
+    from cgrpo.testing.rewards import save_tiny_clip, save_tiny_dino
 
     root = tmp_path_factory.mktemp("models")
     tiny_policy_for_tests().save_pretrained(root / "policy")
@@ -94,8 +94,8 @@ def test_root_resolution_and_clear_errors(tmp_path, monkeypatch):
 
 
 def test_images_do_not_depend_on_the_batch(models):
-    from cgrpo.policy.mini import tiny_policy_for_tests
     from cgrpo.sde import flux_sigmas
+    from cgrpo.testing.policies import tiny_policy_for_tests
 
     policy = tiny_policy_for_tests()
     sigmas = flux_sigmas(2, image_seq_len=policy.latent_shape[0])
@@ -191,7 +191,7 @@ def test_unknown_metric_and_bad_option_are_one_line_errors(models, tmp_path):
 
 def test_lora_of_a_run_is_found_and_loaded(models, tmp_path):
     from cgrpo.config import ConfigError
-    from cgrpo.policy.mini import tiny_policy_for_tests
+    from cgrpo.testing.policies import tiny_policy_for_tests
 
     policy = tiny_policy_for_tests()
     policy.add_lora(rank=2, alpha=2)

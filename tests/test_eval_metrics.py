@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambench"
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from cgrpo.policy.mini import tiny_policy_for_tests
-    from cgrpo.rewards.tiny import save_tiny_clip, save_tiny_dino
+    from cgrpo.testing.policies import tiny_policy_for_tests
+    from cgrpo.testing.rewards import save_tiny_clip, save_tiny_dino
 
     root = tmp_path_factory.mktemp("models")
     tiny_policy_for_tests().save_pretrained(root / "policy")

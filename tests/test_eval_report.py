@@ -9,9 +9,9 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-from cgrpo.eval.analyses import log_advantages
 from cgrpo.eval.cli import report
 from cgrpo.eval.runner import markdown_table, summarise
+from cgrpo.train.advantage_log import log_advantages
 
 app = typer.Typer()
 app.command()(report)

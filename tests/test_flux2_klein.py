@@ -8,13 +8,9 @@ import torch
 from PIL import Image
 
 from cgrpo.policy import build
-from cgrpo.policy.flux2_klein import (
-    Flux2KleinPolicy,
-    flux2_reference_ids,
-    flux2_text_ids,
-    save_tiny_flux2_klein,
-)
+from cgrpo.policy.flux2_klein import Flux2KleinPolicy, flux2_reference_ids, flux2_text_ids
 from cgrpo.sample import sample
+from cgrpo.testing.policies import save_tiny_flux2_klein
 
 PROMPTS = ["a photo of a dog", "a red cube on the beach"]
 SIZE = 64  # the pipeline refuses references under 64 px

@@ -16,7 +16,7 @@ from cgrpo.humaneval.cli import app as cli_app
 from cgrpo.humaneval.images import ImagePolicy
 from cgrpo.humaneval.pairs import make_pairs, read_eval_run, write_pairs
 from cgrpo.humaneval.store import Store
-from cgrpo.humaneval.testing import grid_keys, write_eval_run
+from cgrpo.testing.humaneval import grid_keys, write_eval_run
 
 VOTE = {"identity": "left", "prompt": "right", "overall": "tie"}
 

@@ -22,7 +22,7 @@ from cgrpo.humaneval.app import create_app
 from cgrpo.humaneval.images import ImagePolicy
 from cgrpo.humaneval.pairs import make_pairs, read_eval_run
 from cgrpo.humaneval.store import Store
-from cgrpo.humaneval.testing import draw_subject, grid_keys
+from cgrpo.testing.humaneval import draw_subject, grid_keys
 
 N_PAIRS = 24
 SERVED_SIZE = 128

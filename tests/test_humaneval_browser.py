@@ -13,7 +13,7 @@ import pytest
 
 from cgrpo.humaneval.pairs import make_pairs, read_eval_run, write_pairs
 from cgrpo.humaneval.store import Store, side_to_choice
-from cgrpo.humaneval.testing import grid_keys, serve_in_subprocess, write_eval_run
+from cgrpo.testing.humaneval import grid_keys, serve_in_subprocess, write_eval_run
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

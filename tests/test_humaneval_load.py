@@ -14,7 +14,7 @@ import httpx
 
 from cgrpo.humaneval.pairs import make_pairs, read_eval_run, write_pairs
 from cgrpo.humaneval.store import CRITERIA, Store, side_to_choice
-from cgrpo.humaneval.testing import grid_keys, serve_in_subprocess, write_eval_run
+from cgrpo.testing.humaneval import grid_keys, serve_in_subprocess, write_eval_run
 
 N_ANNOTATORS = 20
 N_PAIRS = 100  # every annotator judges every pair: 20 x 100 = 2,000 votes (6,000 criterion rows)

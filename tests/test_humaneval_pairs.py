@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from cgrpo.humaneval.cli import app
 from cgrpo.humaneval.pairs import PairsError, make_pairs, read_eval_run, read_pairs, write_pairs
-from cgrpo.humaneval.testing import grid_keys, write_eval_run
+from cgrpo.testing.humaneval import grid_keys, write_eval_run
 
 runner = CliRunner()
 

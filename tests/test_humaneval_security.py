@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from cgrpo.humaneval.cli import app as cli_app
 from cgrpo.humaneval.pairs import make_pairs, read_eval_run, write_pairs
 from cgrpo.humaneval.store import Store
-from cgrpo.humaneval.testing import grid_keys, serve_in_subprocess, write_eval_run
+from cgrpo.testing.humaneval import grid_keys, serve_in_subprocess, write_eval_run
 
 MIB = 1 << 20
 

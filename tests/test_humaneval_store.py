@@ -20,7 +20,7 @@ from cgrpo.humaneval.store import (
     hash_token,
     side_to_choice,
 )
-from cgrpo.humaneval.testing import grid_keys, write_eval_run
+from cgrpo.testing.humaneval import grid_keys, write_eval_run
 
 ALL_TIE = {"identity": "tie", "prompt": "tie", "overall": "tie"}
 

@@ -9,8 +9,9 @@ from PIL import Image
 
 from cgrpo.policy import build
 from cgrpo.policy.flux import flux_image_ids
-from cgrpo.policy.kontext import KontextPolicy, kontext_reference_ids, save_tiny_kontext
+from cgrpo.policy.kontext import KontextPolicy, kontext_reference_ids
 from cgrpo.sample import sample
+from cgrpo.testing.policies import save_tiny_kontext
 
 PROMPTS = ["a photo of a dog", "a red cube on the beach"]
 SIZE = 32

@@ -8,8 +8,9 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from cgrpo.export import export_adapter, export_command, export_merged, load_trained_policy, resolve_adapter
+from cgrpo.export import export_adapter, export_command, export_merged, load_trained_policy
 from cgrpo.policy import build
+from cgrpo.policy.adapter import resolve_adapter
 
 PROMPTS = ["a photo of a dog", "a red cube on the beach"]
 # Stacking UNO's adapter and ours on one pipeline is intended; peft warns about any second adapter.
@@ -44,17 +45,17 @@ def _transformer_call(policy, transformer, latents, sigma, cond):
 
 def _setup(kind: str, root):
     if kind == "uno":
-        from cgrpo.policy.uno import save_tiny_uno
+        from cgrpo.testing.policies import save_tiny_uno
 
         options, size = save_tiny_uno(root / "uno"), 32
         base = options["flux_path"]
     elif kind == "flux-kontext":
-        from cgrpo.policy.kontext import save_tiny_kontext
+        from cgrpo.testing.policies import save_tiny_kontext
 
         options, size = save_tiny_kontext(root / "kontext"), 32
         base = options["flux_path"]
     else:
-        from cgrpo.policy.flux2_klein import save_tiny_flux2_klein
+        from cgrpo.testing.policies import save_tiny_flux2_klein
 
         options, size = save_tiny_flux2_klein(root / "klein"), 32
         base = options["path"]
@@ -105,7 +106,7 @@ def test_exported_adapter_loads_into_the_pipeline(kind, tmp_path):
 
 def test_export_command_on_a_run_folder(tmp_path):
     from cgrpo.config import save_config
-    from cgrpo.policy.uno import save_tiny_uno
+    from cgrpo.testing.policies import save_tiny_uno
     from cgrpo.train.config import GRPOConfig, LoraConfig, PolicyConfig
 
     options = save_tiny_uno(tmp_path / "uno")

@@ -18,8 +18,8 @@ from cgrpo.policy.flux import (
     uno_reference_ids,
     unpack,
 )
-from cgrpo.policy.mini import tiny_policy_for_tests
 from cgrpo.sde import flux_sigmas
+from cgrpo.testing.policies import tiny_policy_for_tests
 from cgrpo.train.sampling import ode_sample
 
 PROMPTS = ["a photo of a red cube", "a blue ball on the left"]

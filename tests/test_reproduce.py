@@ -235,7 +235,7 @@ def test_bad_arguments_name_the_option():
 def tiny_world(tmp_path_factory):
     """A tiny policy directory and a GRPO base config for it (the SFT/RPO configs are the packaged ones)."""
     from cgrpo.data.miniworld import vocabulary
-    from cgrpo.policy.mini import tiny_policy_for_tests
+    from cgrpo.testing.policies import tiny_policy_for_tests
 
     root = tmp_path_factory.mktemp("tiny")
     tiny_policy_for_tests(seed=0, vocabulary=vocabulary()).save_pretrained(root / "policy")
@@ -407,10 +407,10 @@ def test_sft_baseline_lora_mode_resumes_and_reports(tiny_world, tmp_path):
 def test_uno_plan_builds_and_its_baselines_run_with_tiny_models(tmp_path):
     from PIL import Image
 
-    from cgrpo.policy.uno import save_tiny_uno
     from cgrpo.reproduce.runner import run_spec, write_run_files
+    from cgrpo.testing import rewards as tiny_rewards
+    from cgrpo.testing.policies import save_tiny_uno
 
-    tiny_rewards = pytest.importorskip("cgrpo.rewards.tiny")
     policy_options = save_tiny_uno(tmp_path / "uno", seed=0, lora_rank=4)
     dino_seg = tiny_rewards.save_tiny_dino_seg(tmp_path / "dino_seg")
     hpsv3 = tiny_rewards.save_tiny_hpsv3(tmp_path / "hpsv3")

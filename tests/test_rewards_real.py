@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from cgrpo.rewards import build, tiny
+from cgrpo.rewards import build
 from cgrpo.rewards.dino_seg import detection_query, mask_and_crop
 from cgrpo.rewards.hpsv3 import (
     HPSV3_INSTRUCTION,
@@ -21,6 +21,7 @@ from cgrpo.rewards.hpsv3 import (
     map_release_key,
     smart_resize,
 )
+from cgrpo.testing import rewards as tiny
 
 SMALL = {"min_pixels": 56 * 56, "max_pixels": 56 * 84}  # few image tokens: the text dominates anyway
 

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from cgrpo.data.miniworld import MiniWorld, vocabulary
 from cgrpo.eval import runner
 from cgrpo.eval.mini import mini_task
-from cgrpo.policy.mini import tiny_policy_for_tests
 from cgrpo.sde import flux_sigmas
+from cgrpo.testing.policies import tiny_policy_for_tests
 from cgrpo.train.heldout import evaluate_heldout
 from cgrpo.train.sampling import item_seed, ode_sample, rollout, schedule, seeded_noise
 

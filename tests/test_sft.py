@@ -13,7 +13,7 @@ import cgrpo.train.sft as sft
 from cgrpo.config import load_config
 from cgrpo.data.base import Example
 from cgrpo.policy.flux import ReferenceFluxPolicy
-from cgrpo.policy.mini import tiny_policy_for_tests
+from cgrpo.testing.policies import tiny_policy_for_tests
 from cgrpo.train.sft import SFTConfig, flow_matching_loss, run_sft
 
 COLOURS = {

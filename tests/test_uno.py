@@ -16,14 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from cgrpo.policy import build
-from cgrpo.policy.uno import (
-    TINY_FLUX_TRANSFORMER,
-    UnoPolicy,
-    resize_references,
-    save_tiny_uno,
-    uno_shift,
-    uno_sigmas,
-)
+from cgrpo.policy.flux_backbone import resize_references
+from cgrpo.policy.uno import UnoPolicy, uno_shift, uno_sigmas
 from cgrpo.policy.uno_lora import (
     convert_uno_lora,
     is_uno_lora,
@@ -32,6 +26,7 @@ from cgrpo.policy.uno_lora import (
     save_uno_lora_as_diffusers,
     uno_lora_rank,
 )
+from cgrpo.testing.policies import TINY_FLUX_TRANSFORMER, save_tiny_uno
 
 PROMPTS = ["a photo of a dog", "a red cube on the beach"]
 SIZE = 32  # 32 px -> 16 x 16 latents (tiny VAE, /2) -> 8 x 8 = 64 packed tokens

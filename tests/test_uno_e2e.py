@@ -10,11 +10,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from cgrpo.policy.uno import save_tiny_uno
-
-tiny_rewards = pytest.importorskip(
-    "cgrpo.rewards.tiny", reason="cgrpo.rewards.tiny (tiny reward models) missing"
-)
+from cgrpo.testing import rewards as tiny_rewards
+from cgrpo.testing.policies import save_tiny_uno
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,10 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
+from cgrpo.config import parse_policy_options
 from cgrpo.policy import build
-from cgrpo.policy.uno import save_tiny_uno
-from cgrpo.sample import parse_options, sample, sample_command
+from cgrpo.sample import sample, sample_command
+from cgrpo.testing.policies import save_tiny_uno
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +130,8 @@ def test_sample_command_errors(tiny):
     )
     assert result.exit_code == 2 and "does not exist" in result.output
     with pytest.raises(ValueError, match="KEY=VALUE"):
-        parse_options(["flux_path"])
-    assert parse_options(["image_size=512", "dtype=bfloat16", "offload=true"]) == {
+        parse_policy_options(["flux_path"])
+    assert parse_policy_options(["image_size=512", "dtype=bfloat16", "offload=true"]) == {
         "image_size": 512,
         "dtype": "bfloat16",
         "offload": True,

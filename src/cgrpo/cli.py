@@ -169,7 +169,7 @@ def _add_subcommands() -> None:
             "humaneval",
             "Pairwise human-evaluation study: pairs, server, invites, export.",
         ),
-        ("cgrpo.data.cli", "data", "Datasets: validate, import DreamBench/SynCD, filter by reward."),
+        ("cgrpo.data_cli", "data", "Datasets: validate, import DreamBench/SynCD, filter by reward."),
     ):
         try:
             sub = importlib.import_module(module)

@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -154,6 +155,17 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         with contextlib.suppress(ValueError):
             value = float(value) if any(c in value for c in ".eE") else value
     return key.split("."), value
+
+
+def parse_policy_options(items: Sequence[str] | None) -> dict[str, Any]:
+    """``["flux_path=/x", "dtype=bfloat16", "image_size=512"]`` -> dict; values are read as YAML scalars."""
+    options: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"policy option {item!r} is not KEY=VALUE")
+        options[key.strip()] = yaml.safe_load(value) if value != "" else ""
+    return options
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -22,19 +22,7 @@ from typing import Annotated, Any
 import torch
 import typer
 
-ADAPTER_CONFIG = "adapter_config.json"
-
-
-def resolve_adapter(path: str | Path) -> Path:
-    """The adapter folder inside ``path``: ``path`` itself, ``path/final`` (a run) or ``path/lora`` (a saved
-    policy)."""
-    path = Path(path)
-    for candidate in (path, path / "final", path / "lora"):
-        if (candidate / ADAPTER_CONFIG).is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"{path} holds no LoRA adapter: expected {ADAPTER_CONFIG} in it, in final/ (a run) or in lora/"
-    )
+from cgrpo.policy.adapter import resolve_adapter
 
 
 def _latest_checkpoint(path: Path) -> Path | None:
@@ -152,10 +140,10 @@ def export_command(
     device: Annotated[str | None, typer.Option("--device", help="Where to merge (cuda is faster).")] = None,
 ) -> None:
     """Export a trained LoRA as a diffusers LoRA file, or (``--merge``) as a merged transformer."""
-    from cgrpo.sample import parse_options
+    from cgrpo.config import parse_policy_options
 
     try:
-        trained = load_trained_policy(source, policy, parse_options(policy_option), device=device)
+        trained = load_trained_policy(source, policy, parse_policy_options(policy_option), device=device)
         path = export_merged(trained, out) if merge else export_adapter(trained, out)
     except (ValueError, FileNotFoundError, TypeError) as error:
         typer.echo(f"error: {error}", err=True)

@@ -133,25 +133,12 @@ def _chunks(stacks: Sequence[torch.Tensor | None], batch_size: int) -> Iterator[
 # --- command line -----------------------------------------------------------------------------------------
 
 
-def parse_options(items: Sequence[str] | None) -> dict[str, Any]:
-    """``["flux_path=/x", "dtype=bfloat16", "image_size=512"]`` -> dict; values are read as YAML scalars."""
-    import yaml
-
-    options: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"policy option {item!r} is not KEY=VALUE")
-        options[key.strip()] = yaml.safe_load(value) if value != "" else ""
-    return options
-
-
 def build_policy(
     name: str, options: dict[str, Any], lora: str | Path | None = None, device: str | None = None
 ) -> Policy:
     """A registered policy, optionally with a trained adapter (an adapter folder or a run folder) loaded."""
     from cgrpo import policy as policies
-    from cgrpo.export import resolve_adapter
+    from cgrpo.policy.adapter import resolve_adapter
 
     built = policies.build(name, **options)
     if lora is not None:
@@ -205,12 +192,13 @@ def sample_command(
     ] = None,
 ) -> None:
     """Generate images for (reference, prompt) pairs: ``--reference IMG --prompt "..."`` or ``--pairs``."""
+    from cgrpo.config import parse_policy_options
     from cgrpo.imaging import save_png
     from cgrpo.io import atomic_write_text
 
     try:
         rows = _pairs_from_arguments(reference, prompt, pairs)
-        options = parse_options(policy_option)
+        options = parse_policy_options(policy_option)
         model = build_policy(policy, options, lora=lora, device=device or _default_device())
     except (ValueError, FileNotFoundError, TypeError) as error:
         typer.echo(f"error: {error}", err=True)

@@ -2,7 +2,8 @@
 
 - :func:`conflict_analysis` — reward conflict (Fig. 7 and App. B.2): share of samples whose identity and
   prompt advantages have strictly opposite signs, over training; the Fig. 7(a) quadrant distribution and the
-  per-denoising-step rate when the run logged per-sample advantages (:func:`log_advantages`).
+  per-denoising-step rate when the run logged per-sample advantages
+  (:func:`~cgrpo.train.advantage_log.log_advantages`).
 - :func:`frequency_analysis` — Fig. 4: low- and high-frequency energy of the predicted clean image
   ``x0_hat = x_t - sigma_t * v`` along an ODE trajectory.
 - :func:`tradeoff_analysis` — identity metric vs prompt metric of several runs / evaluations with the Pareto
@@ -29,9 +30,9 @@ import torch  # noqa: E402
 
 from cgrpo.eval.stats import pareto_front  # noqa: E402
 from cgrpo.io import atomic_write, atomic_write_json  # noqa: E402
+from cgrpo.train.advantage_log import ADVANTAGES_FILE  # noqa: E402
 
 PAPER_CONFLICT_RATE = 0.502  # App. B.2: 300 groups of 12 images on UNO
-ADVANTAGES_FILE = "advantages.jsonl"
 QUADRANTS = ("synergy", "prompt_failure", "id_failure", "both_poor", "neutral")
 QUADRANT_LABELS = {
     "synergy": "A_id>0, A_prompt>0 (perfect)",
@@ -58,46 +59,6 @@ def _moving_average(values: Sequence[float], window: int) -> np.ndarray:
 
 
 # --- reward conflict ------------------------------------------------------------------------------------
-
-
-def log_advantages(
-    path: str | Path,
-    step: int,
-    a_id: torch.Tensor,
-    a_prompt: torch.Tensor,
-    group_size: int | None = None,
-    denoising_step: int | None = None,
-) -> None:
-    """Append one iteration's per-sample advantages (``[N]`` each) to ``advantages.jsonl``.
-
-    One line ``{"step", "a_id": [...], "a_prompt": [...], "group_size"?, "t"?}``; ``t`` marks advantages
-    computed at one denoising step (e.g. from rewards of the predicted clean image at that step), read by
-    the per-step conflict analysis. Non-finite values (masked samples) are written as null.
-    """
-    a_id, a_prompt = torch.as_tensor(a_id).reshape(-1), torch.as_tensor(a_prompt).reshape(-1)
-    if a_id.shape != a_prompt.shape:
-        raise ValueError(f"a_id {tuple(a_id.shape)} and a_prompt {tuple(a_prompt.shape)} differ in shape")
-    record: dict[str, Any] = {
-        "step": int(step),
-        "a_id": [_json_float(v) for v in a_id.tolist()],
-        "a_prompt": [_json_float(v) for v in a_prompt.tolist()],
-    }
-    if group_size is not None:
-        record["group_size"] = int(group_size)
-    if denoising_step is not None:
-        record["t"] = int(denoising_step)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
-
-
-def truncate_advantages(path: str | Path, step: int) -> None:
-    """On resume from iteration ``step``: drop logged records of later iterations (they will be re-run)."""
-    path = Path(path)
-    if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
 
 
 @torch.no_grad()
@@ -139,10 +100,6 @@ def stepwise_advantages(
             advantages.append(group_normalize(scores, group_size, valid=valid))
         out.append((int(t), advantages[0], advantages[1]))
     return out
-
-
-def _json_float(value: float) -> float | None:
-    return round(value, 6) if math.isfinite(value) else None
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

@@ -267,6 +267,8 @@ class ReferenceFluxPolicy(Policy):
     scale passed to guidance-embedding transformers (FLUX.1-dev), ignored otherwise.
     """
 
+    default_lora_targets: str = DEFAULT_LORA_TARGETS  # the transformer's attention and MLP projections
+
     def __init__(
         self,
         transformer: FluxTransformer2DModel,
@@ -398,13 +400,13 @@ class ReferenceFluxPolicy(Policy):
     ) -> None:
         """Freeze the whole policy and inject LoRA adapters into the transformer (B zero-initialised, so
         the policy's outputs are unchanged). ``target_modules``: peft's list of name suffixes or a full-match
-        regex; default :data:`DEFAULT_LORA_TARGETS`."""
+        regex; default :attr:`default_lora_targets`."""
         from peft import LoraConfig
 
         if self.has_lora:
             raise ValueError("this policy already has a LoRA adapter")
         targets: list[str] | str = (
-            DEFAULT_LORA_TARGETS
+            self.default_lora_targets
             if target_modules is None
             else target_modules
             if isinstance(target_modules, str)

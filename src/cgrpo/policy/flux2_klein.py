@@ -39,7 +39,7 @@ from cgrpo.policy.flux import (
     reference_stack,
     unpack,
 )
-from cgrpo.policy.uno import parse_dtype
+from cgrpo.policy.flux_backbone import parse_dtype, resize_references
 from cgrpo.sde import flux_sigmas
 
 KLEIN_IMAGE_SIZE = 512
@@ -185,6 +185,7 @@ class Flux2KleinPolicy(OffloadedTextMixin, ReferenceFluxPolicy):
     """FLUX.2 [klein] policy. ``cfg_scale`` > 1 turns on classifier-free guidance (base checkpoints)."""
 
     pipeline_class_name = "Flux2KleinPipeline"
+    default_lora_targets = FLUX2_LORA_TARGETS
 
     def __init__(
         self,
@@ -250,8 +251,6 @@ class Flux2KleinPolicy(OffloadedTextMixin, ReferenceFluxPolicy):
             )
         references = reference_stack(references)
         if self.reference_size is not None:
-            from cgrpo.policy.uno import resize_references
-
             token = self.codec.patch_size * self.codec.vae_scale_factor
             references = resize_references(references, self.reference_size, token)
         h, w = references.shape[-2:]
@@ -308,24 +307,6 @@ class Flux2KleinPolicy(OffloadedTextMixin, ReferenceFluxPolicy):
             torch.cat([latents, latents]), torch.cat([sigma, sigma]), both
         ).chunk(2)
         return v_uncond + self.cfg_scale * (v_cond - v_uncond)
-
-    # --- LoRA ------------------------------------------------------------------------------------------
-    def add_lora(
-        self,
-        rank: int,
-        alpha: float,
-        dropout: float = 0.0,
-        target_modules: Sequence[str] | str | None = None,
-        init_lora_weights: bool | str = True,
-    ) -> None:
-        """As :meth:`ReferenceFluxPolicy.add_lora`; default targets :data:`FLUX2_LORA_TARGETS`."""
-        super().add_lora(
-            rank,
-            alpha,
-            dropout,
-            FLUX2_LORA_TARGETS if target_modules is None else target_modules,
-            init_lora_weights,
-        )
 
     # --- persistence -----------------------------------------------------------------------------------
     def policy_metadata(self) -> dict[str, Any]:
@@ -438,105 +419,3 @@ def flux2_klein(**options: Any) -> Flux2KleinPolicy:
     if "path" not in options:
         raise TypeError("the flux2-klein policy needs path=<diffusers FLUX.2 [klein] folder>")
     return load_flux2_klein(**options)
-
-
-# --- tiny components for tests ------------------------------------------------------------------------------
-
-TINY_FLUX2_TRANSFORMER: dict[str, Any] = dict(
-    patch_size=1,
-    in_channels=16,  # 4 VAE channels x 2x2 patches
-    num_layers=1,
-    num_single_layers=1,
-    attention_head_dim=16,
-    num_attention_heads=2,
-    joint_attention_dim=48,  # 3 layers x hidden 16
-    timestep_guidance_channels=32,
-    mlp_ratio=2.0,
-    axes_dims_rope=(4, 4, 4, 4),
-    guidance_embeds=False,
-)
-TINY_QWEN3_LAYERS = (0, 1, 2)
-TINY_QWEN3_LENGTH = 48
-_TINY_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
-    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}"
-    "{% endif %}"
-)
-
-
-def _tiny_qwen3(seed: int):
-    from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM
-
-    from cgrpo.rewards.tiny import _byte_alphabet
-
-    vocab = {c: i for i, c in enumerate(_byte_alphabet())}
-    tokenizer = Qwen2TokenizerFast(vocab=vocab, merges=[], model_max_length=TINY_QWEN3_LENGTH)
-    tokenizer.add_special_tokens(
-        {"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]}
-    )
-    tokenizer.add_special_tokens({"pad_token": "<|endoftext|>", "eos_token": "<|im_end|>"})
-    tokenizer.chat_template = _TINY_CHAT_TEMPLATE
-    torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(
-        Qwen3Config(
-            vocab_size=len(tokenizer),
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=8,
-            max_position_embeddings=TINY_QWEN3_LENGTH,
-            pad_token_id=tokenizer.pad_token_id,
-            tie_word_embeddings=True,
-        )
-    )
-    return model, tokenizer
-
-
-def tiny_flux2_vae(seed: int = 0):
-    from diffusers import AutoencoderKLFlux2
-
-    torch.manual_seed(seed + 2)
-    vae = AutoencoderKLFlux2(
-        block_out_channels=(8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=4,
-        layers_per_block=1,
-        mid_block_add_attention=False,
-    )
-    # Non-trivial batch-norm statistics so that the normalisation is exercised.
-    generator = torch.Generator().manual_seed(seed)
-    vae.bn.running_mean.copy_(torch.randn(vae.bn.num_features, generator=generator) * 0.1)
-    vae.bn.running_var.copy_(torch.rand(vae.bn.num_features, generator=generator) + 0.5)
-    return vae
-
-
-def save_tiny_flux2_klein(directory: str | Path, seed: int = 0, is_distilled: bool = False) -> dict[str, Any]:
-    """Random tiny ``Flux2KleinPipeline`` components saved by the pipeline. Returns the ``flux2-klein``
-    options for them (``path``, and the tiny model's ``text_layers`` and ``max_text_length``)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
-
-    text_encoder, tokenizer = _tiny_qwen3(seed)
-    torch.manual_seed(seed + 3)
-    transformer = Flux2Transformer2DModel(**TINY_FLUX2_TRANSFORMER)
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential"
-    )
-    pipe = Flux2KleinPipeline(
-        scheduler=scheduler,
-        vae=tiny_flux2_vae(seed),
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        transformer=transformer,
-        is_distilled=is_distilled,
-    )
-    pipe.save_pretrained(directory)
-    return {
-        "path": str(directory),
-        "text_layers": list(TINY_QWEN3_LAYERS),
-        "max_text_length": TINY_QWEN3_LENGTH,
-    }

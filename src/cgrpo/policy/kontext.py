@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from cgrpo.policy.base import register
 from cgrpo.policy.flux import ReferenceFluxPolicy, flux_image_ids
-from cgrpo.policy.uno import FluxBackbonePolicy, _policy_kwargs, load_flux_components, parse_dtype
+from cgrpo.policy.flux_backbone import FluxBackbonePolicy, load_backbone_policy
 
 KONTEXT_IMAGE_SIZE = 512
 KONTEXT_NUM_STEPS = 28
@@ -78,28 +78,15 @@ class KontextPolicy(FluxBackbonePolicy):
 def load_kontext(
     flux_path: str | Path,
     *,
-    dtype: str | torch.dtype | None = None,
-    vae_dtype: str | torch.dtype | None = "float32",
     image_size: int | Sequence[int] = KONTEXT_IMAGE_SIZE,
     guidance: float = KONTEXT_GUIDANCE,
-    max_text_length: int | None = None,
-    device: str | None = None,
-    prompt_embeddings: str | Path | None = None,
     **options: Any,
 ) -> KontextPolicy:
-    """Build the ``flux-kontext`` policy from a diffusers FLUX.1 Kontext folder (same layout as FLUX.1)."""
-    kwargs = _policy_kwargs(options)
-    if options:
-        raise TypeError(f"unknown flux-kontext policy option(s): {', '.join(sorted(options))}")
-    transformer, codec, text_encoder = load_flux_components(
-        flux_path, parse_dtype(dtype), parse_dtype(vae_dtype), max_text_length
+    """Build the ``flux-kontext`` policy from a diffusers FLUX.1 Kontext folder (same layout as FLUX.1);
+    ``options`` as :func:`~cgrpo.policy.flux_backbone.load_backbone_policy`."""
+    policy = load_backbone_policy(
+        KontextPolicy, "flux-kontext", flux_path, image_size=image_size, guidance=guidance, **options
     )
-    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    policy = KontextPolicy(transformer, codec, text_encoder, size, guidance=guidance, **kwargs)
-    if device is not None:
-        policy.to(device)
-    if prompt_embeddings is not None:
-        policy.load_prompt_embeddings(prompt_embeddings)
     return policy.eval()
 
 
@@ -108,10 +95,3 @@ def flux_kontext(**options: Any) -> KontextPolicy:
     if "flux_path" not in options:
         raise TypeError("the flux-kontext policy needs flux_path=<diffusers FLUX.1 Kontext folder>")
     return load_kontext(**options)
-
-
-def save_tiny_kontext(directory: str | Path, seed: int = 0) -> dict[str, str]:
-    """Tiny random FLUX.1 Kontext components (``FluxKontextPipeline`` layout) -> ``{"flux_path": ...}``."""
-    from cgrpo.policy.uno import save_tiny_flux
-
-    return save_tiny_flux(directory, seed=seed, pipeline="FluxKontextPipeline")

@@ -39,44 +39,6 @@ MINI_TEXT: dict[str, Any] = dict(
     num_attention_heads=4,
     max_position_embeddings=16,
 )
-# For unit tests: 1 double + 1 single block, 16x16 images (16 + 16 image tokens), 8 text tokens.
-TINY_TRANSFORMER: dict[str, Any] = dict(
-    patch_size=1,
-    in_channels=48,
-    num_layers=1,
-    num_single_layers=1,
-    attention_head_dim=16,
-    num_attention_heads=2,
-    joint_attention_dim=32,
-    pooled_projection_dim=32,
-    guidance_embeds=False,
-    axes_dims_rope=(4, 6, 6),
-)
-TINY_TEXT: dict[str, Any] = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    max_position_embeddings=8,
-)
-TINY_VOCABULARY = [
-    *("a", "photo", "of", "the", "on", "in", "at", "left", "right", "top", "bottom", "snow", "night"),
-    *(
-        "red",
-        "green",
-        "blue",
-        "yellow",
-        "cube",
-        "ball",
-        "star",
-        "ring",
-        "small",
-        "large",
-        "striped",
-        "dotted",
-    ),
-]
-
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")  # ids 0..3, in this order
 PUNCTUATION = (",", ".")
 MINI_BASE = "mini_base"
@@ -152,17 +114,6 @@ def build_mini_policy(
         raise ValueError("text hidden_size must equal the transformer's joint_attention_dim")
     codec = PixelCodec(patch_size)
     return ReferenceFluxPolicy(transformer, codec, text_encoder, image_size).eval()
-
-
-def tiny_policy_for_tests(seed: int = 0, vocabulary: Iterable[str] | None = None) -> ReferenceFluxPolicy:
-    """An even smaller random policy for unit tests (16x16 images, one block of each kind)."""
-    return build_mini_policy(
-        seed=seed,
-        image_size=16,
-        vocabulary=TINY_VOCABULARY if vocabulary is None else vocabulary,
-        transformer_config=TINY_TRANSFORMER,
-        text_config=TINY_TEXT,
-    )
 
 
 def mini_base_path() -> Path | None:

@@ -14,7 +14,7 @@ from a local directory, nothing is downloaded.
 - ``dino`` (:mod:`~cgrpo.rewards.dino`): DINO ViT-S/16 CLS cosine (evaluation). Option ``path``.
 
 ``vlm_judge`` lives in :mod:`cgrpo.rewards.vlm_judge`; background scoring in :mod:`cgrpo.rewards.worker`;
-tiny random models of each family for tests in :mod:`cgrpo.rewards.tiny`.
+tiny random models of each family for tests in :mod:`cgrpo.testing.rewards`.
 """
 
 from __future__ import annotations

@@ -32,11 +32,11 @@ from tqdm.auto import tqdm
 
 from cgrpo.advantage import conflict_rate, group_normalize, group_stats, sars, tdw_weights
 from cgrpo.config import save_config, to_dict
-from cgrpo.eval.analyses import log_advantages, truncate_advantages
 from cgrpo.imaging import grid, save_png
 from cgrpo.io import atomic_write_json
 from cgrpo.objective import clipped_policy_loss, gaussian_mean_kl
 from cgrpo.sde import sde_step_with_logprob, sde_window, select_steps, steps_to_mask
+from cgrpo.train.advantage_log import log_advantages, truncate_advantages
 from cgrpo.train.checkpoint import (
     latest_checkpoint,
     list_checkpoints,

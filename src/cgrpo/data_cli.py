@@ -158,8 +158,8 @@ def filter_command(
     from rich.console import Console
     from rich.progress import Progress
 
-    from cgrpo.data.filter import filter_dataset
     from cgrpo.data.formats import DatasetError
+    from cgrpo.rewards.filter import filter_dataset
 
     try:
         options = parse_options(option)

@@ -69,7 +69,7 @@ _IMAGENET_MEAN = [0.485, 0.456, 0.406]
 _IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
-def _byte_alphabet() -> list[str]:
+def byte_alphabet() -> list[str]:
     from tokenizers import pre_tokenizers
 
     return sorted(pre_tokenizers.ByteLevel.alphabet())
@@ -87,7 +87,7 @@ def save_tiny_clip(directory: str | os.PathLike, seed: int = 0) -> dict[str, str
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     out = _mkdir(directory)
-    alphabet = _byte_alphabet()
+    alphabet = byte_alphabet()
     vocab = {c: i for i, c in enumerate(alphabet)}
     vocab.update({c + "</w>": len(alphabet) + i for i, c in enumerate(alphabet)})
     vocab["<|startoftext|>"] = len(vocab)

@@ -41,6 +41,7 @@ from cgrpo.data.formats import (
 )
 from cgrpo.data.validate import validate_dataset
 from cgrpo.io import atomic_write_text
+from cgrpo.rewards.base import build as build_reward
 
 META_PREFIX = "meta."
 
@@ -154,9 +155,7 @@ def filter_dataset(
         if name.startswith(META_PREFIX):
             raw[k] = _meta_scores(records, name[len(META_PREFIX) :])
         else:
-            from cgrpo import rewards as reward_registry  # lazy: the real rewards import heavy libraries
-
-            models.append((k, reward_registry.build(name, **options.get(name, {}))))
+            models.append((k, build_reward(name, **options.get(name, {}))))
 
     if models:
         for start in range(0, n, batch_size):
