@@ -383,7 +383,7 @@ def run_rpo(config: RPOConfig, console: Any | None = None) -> dict[str, Any]:
         build_rewards,
         record_world_version,
     )
-    from cgrpo.train.heldout import evaluate_heldout
+    from cgrpo.train.heldout import base_trained_summary, evaluate_heldout
     from cgrpo.train.logger import MetricsLogger
 
     console = console or Console(stderr=True)
@@ -486,7 +486,7 @@ def run_rpo(config: RPOConfig, console: Any | None = None) -> dict[str, Any]:
     else:
         policy.save_pretrained(final)
     atomic_write_json(final / "eval_history.json", history)
-    summary = {"base": base_metrics, "trained": trained_metrics}
+    summary = base_trained_summary(base_metrics, trained_metrics)
     atomic_write_json(out / "summary.json", summary)
     return summary
 

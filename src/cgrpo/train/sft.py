@@ -466,6 +466,8 @@ class _Heldout:
         from cgrpo.train.heldout import evaluate_heldout
 
         h = self.config
+        if not self.examples:  # a dataset without held-out data: the summary says so
+            return {}
         # evaluate_heldout conditions before it switches to eval mode: frozen text encoders with dropout
         # (T5) would otherwise draw random embeddings from the global RNG.
         training = self.policy.transformer.training
@@ -493,15 +495,18 @@ class _Heldout:
                 raise FileNotFoundError(f"{path} is missing: cannot report the base of a resumed SFT run")
             metrics = self.evaluate()
             atomic_write_json(path, metrics)
-            logger.log(0, {f"eval/{k}": v for k, v in metrics.items()})
+            if metrics:
+                logger.log(0, {f"eval/{k}": v for k, v in metrics.items()})
         self.base_metrics = json.loads(path.read_text())
 
     def trained(self, out: Path, logger: _Logger, step: int) -> None:
         from cgrpo.io import atomic_write_json
+        from cgrpo.train.heldout import base_trained_summary
 
         metrics = self.evaluate()
-        logger.log(step, {f"eval/{k}": v for k, v in metrics.items()})
-        atomic_write_json(out / "summary.json", {"base": self.base_metrics, "trained": metrics})
+        if metrics:
+            logger.log(step, {f"eval/{k}": v for k, v in metrics.items()})
+        atomic_write_json(out / "summary.json", base_trained_summary(self.base_metrics, metrics))
 
 
 # --- the run -----------------------------------------------------------------------------------------
