@@ -155,6 +155,7 @@ class GRPOConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def validate(self) -> None:
+        check_components(self.policy, self.data, self.rewards)
         t, s = self.train, self.sampling
         _require(t.group_size >= 2, "train.group_size", t.group_size, "at least 2 (advantages are relative)")
         _require(t.prompts_per_iteration >= 1, "train.prompts_per_iteration", t.prompts_per_iteration, ">= 1")
@@ -239,6 +240,32 @@ class GRPOConfig:
         _require(self.checkpoint.keep_last >= 1, "checkpoint.keep_last", self.checkpoint.keep_last, ">= 1")
         d = self.distributed
         _require(d.timeout_s > 0, "distributed.timeout_s", d.timeout_s, "> 0")
+
+
+def check_components(
+    policy: PolicyConfig | None = None,
+    data: DataConfig | None = None,
+    rewards: RewardsConfig | None = None,
+    prefix: str = "",
+) -> None:
+    """Check the registered names and the options of a config's components before any is built: a misspelt
+    name or option is a :class:`ConfigError` naming its key (``rewards.prompt.name``), not a traceback later.
+    ``prefix`` is where the sections sit in the config (``heldout.`` for SFT's rewards)."""
+    # Imported here: the registries load their built-in components (diffusers, transformers) on first use.
+    if policy is not None:
+        from cgrpo import policy as policies
+
+        policies.check(policy.name, policy.options, f"{prefix}policy.name", f"{prefix}policy.options")
+    if data is not None:
+        from cgrpo.data import registry as datasets
+
+        datasets.check(data.name, data.options, f"{prefix}data")
+    if rewards is not None:
+        from cgrpo import rewards as reward_registry
+
+        for role in ("identity", "prompt"):
+            reward = getattr(rewards, role)
+            reward_registry.check(reward.name, reward.options, f"{prefix}rewards.{role}")
 
 
 def _require(ok: bool, key: str, value: Any, expected: str) -> None:

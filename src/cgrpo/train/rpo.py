@@ -55,7 +55,15 @@ import torch.nn.functional as F
 import typer
 
 from cgrpo.config import ConfigError, to_dict
-from cgrpo.train.config import DataConfig, EvalConfig, LogConfig, PolicyConfig, RewardsConfig, SamplingConfig
+from cgrpo.train.config import (
+    DataConfig,
+    EvalConfig,
+    LogConfig,
+    PolicyConfig,
+    RewardsConfig,
+    SamplingConfig,
+    check_components,
+)
 
 # --- config ------------------------------------------------------------------------------------------
 
@@ -106,6 +114,7 @@ class RPOConfig:
     log: LogConfig = field(default_factory=LogConfig)
 
     def validate(self) -> None:
+        check_components(self.policy, self.data, self.rewards)
         p, t = self.pairs, self.train
         checks = [
             (p.prompts >= 0, "pairs.prompts", p.prompts, ">= 0 (0 = the whole training set)"),

@@ -32,7 +32,7 @@ from cgrpo.config import ConfigError, load_config, save_config
 from cgrpo.data.base import Example
 from cgrpo.policy.base import Conditioning
 from cgrpo.policy.flux import ReferenceFluxPolicy, atomic_directory
-from cgrpo.train.config import DataConfig, LoraConfig, RewardsConfig
+from cgrpo.train.config import DataConfig, LoraConfig, RewardsConfig, check_components
 from cgrpo.train.sampling import sample_ode
 
 # --- config ------------------------------------------------------------------------------------------
@@ -130,6 +130,16 @@ class SFTConfig:
     max_minutes: float | None = None
 
     def validate(self) -> None:
+        # Registered names and their options first: a misspelt one is an error naming its key.
+        if self.model.policy is not None:
+            from cgrpo import policy as policies
+
+            policies.check(self.model.policy, self.model.options, "model.policy", "model.options")
+        if self.data.dataset is not None:
+            from cgrpo.data import registry as datasets
+
+            datasets.check(self.data.dataset.name, self.data.dataset.options, "data.dataset")
+        check_components(rewards=self.heldout.rewards, prefix="heldout.")
         if self.optim.steps < 1:
             raise ConfigError(f"optim.steps: expected >= 1, got {self.optim.steps}")
         if self.optim.batch_size < 1:
