@@ -1,5 +1,6 @@
 """Misspelt component names and options are config errors naming the key (exit code 2), caught when the
-config loads, before anything is built: GRPO (`cgrpo train`), SFT, RPO and the reproduce plan."""
+config loads, before anything is built: GRPO (`cgrpo train`), SFT, RPO and the reproduce plan. Removed
+settings name the one that replaces them."""
 
 import pytest
 import typer
@@ -130,3 +131,48 @@ def test_reproduce_plan_rejects_a_misspelt_reward_before_running(tmp_path):
 def test_registry_error_lists_the_registered_names():
     with pytest.raises(ConfigError, match=r"policy\.name: unknown policy 'nope'; registered: .*mini"):
         load_config(GRPOConfig, None, ["policy.name=nope"])
+
+
+# --- settings that were never read ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["num_subjects", "prompts_per_kind"])
+def test_removed_eval_settings_point_at_the_real_one(tmp_path, key):
+    with pytest.raises(ConfigError, match=rf"eval\.{key} .*data\.options\.eval\.{key}"):
+        load_config(GRPOConfig, None, [f"eval.{key}=2"])
+    with pytest.raises(ConfigError, match=rf"eval\.{key} .*data\.options\.eval\.{key}"):
+        load_config(RPOConfig, None, [f"eval.{key}=2"])
+    config = load_config(
+        GRPOConfig, configs_dir() / "mini" / "customized_grpo.yaml", [f"output_dir={tmp_path}"]
+    )
+    save_config(config, tmp_path / "cfg.yaml")
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "cfg.yaml"), f"eval.{key}=2"])
+    assert result.exit_code == 2, result.output
+    assert f"data.options.eval.{key}" in _one_line(result.output), result.output
+
+
+def test_every_shipped_config_loads():
+    paths = sorted(configs_dir().glob("**/*.yaml"))
+    assert any("uno" in p.parts for p in paths) and any("mini" in p.parts for p in paths)
+    for path in paths:
+        cls = (
+            SFTConfig
+            if path.name.startswith("sft")
+            else RPOConfig
+            if path.name.startswith("rpo")
+            else GRPOConfig
+        )
+        load_config(cls, path)
+
+
+def test_eval_mini_help_names_the_training_configs_real_settings():
+    import click
+
+    command = typer.main.get_command(app)
+    with click.Context(command) as context:
+        mini = command.get_command(context, "eval").get_command(context, "mini")
+    help_of = {param.name: param.help for param in mini.params}
+    assert "data.options.eval.num_subjects" in help_of["num_subjects"]
+    assert "data.options.eval.prompts_per_kind" in help_of["prompts_per_kind"]
+    assert "data.options.eval.seed" in help_of["eval_seed"]
+    assert not any("trainer's eval." in (text or "") for text in help_of.values())

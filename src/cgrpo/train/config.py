@@ -6,7 +6,7 @@ Each field's comment says what it controls; `validate()` rejects impossible valu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from cgrpo.config import ConfigError
 
@@ -103,9 +103,16 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    """How the held-out set is evaluated; the set itself is the dataset's (``data.options.eval`` of the mini
+    world, ``data.options.eval_path`` of a JSONL dataset)."""
+
+    # Keys of earlier releases that were never read, and where their setting lives (cgrpo.config.from_dict).
+    removed_keys: ClassVar[dict[str, str]] = {
+        "num_subjects": "data.options.eval.num_subjects (the mini world's held-out subjects)",
+        "prompts_per_kind": "data.options.eval.prompts_per_kind (the mini world's held-out prompts)",
+    }
+
     every: int = 25  # iterations between held-out evaluations (0 = only at start and end)
-    num_subjects: int = 16
-    prompts_per_kind: int = 1
     images_per_prompt: int = 1
     num_steps: int = 10  # ODE steps for evaluation samples
     seed: int = 1234
