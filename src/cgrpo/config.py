@@ -101,8 +101,12 @@ def from_dict(cls: type[C], data: dict[str, Any], prefix: str = "") -> C:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
+    where = f"{prefix}." if prefix else ""
+    removed = getattr(cls, "removed_keys", {})  # {old key: where its setting lives now}
+    for name in unknown:
+        if name in removed:
+            raise ConfigError(f"{where}{name} was removed: set {removed[name]} instead")
     if unknown:
-        where = f"{prefix}." if prefix else ""
         raise ConfigError(
             f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(where + k for k in unknown)}; "
             f"valid keys{' under ' + prefix if prefix else ''}: {', '.join(sorted(fields))}"

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from cgrpo.data.base import SubjectDataset
 from cgrpo.data.formats import ImageSize
-from cgrpo.registry import Registry
+from cgrpo.registry import Registry, check_options
 
 DATASETS: Registry[SubjectDataset] = Registry("dataset")
 
@@ -54,3 +55,27 @@ def mini_dataset(
 
     world = MiniWorld(image_size, num_train_subjects, num_test_subjects, seed=seed)
     return world.dataset(split, prompts_per_subject=prompts_per_subject, seed=seed)
+
+
+def check(name: str, options: dict[str, Any] | None, key: str = "data") -> None:
+    """Raise :class:`~cgrpo.config.ConfigError` naming ``<key>.name`` or ``<key>.options.<option>`` if no
+    dataset ``name`` is registered or a training config's ``data.options`` hold an option it does not take.
+
+    The options are those ``cgrpo.train.components.build_datasets`` takes: ``eval_path`` (the held-out
+    file) besides the factory's own; for ``mini`` the :class:`~cgrpo.data.miniworld.MiniWorld` arguments,
+    ``train`` (:meth:`~cgrpo.data.miniworld.MiniWorld.dataset`'s) and ``eval`` (its ``eval_set``'s).
+    """
+    options = dict(options or {})
+    if name != "mini":
+        options.pop("eval_path", None)
+        DATASETS.check(name, options, f"{key}.name", f"{key}.options")
+        return
+    from cgrpo.data.miniworld import MiniWorld
+
+    what, where = "the mini world", f"{key}.options"
+    parts = {"train": MiniWorld.dataset, "eval": MiniWorld.eval_set}
+    for part, factory in parts.items():
+        # `split` and `seed` of the training set come from the trainer (the run's seed), not from options.
+        exclude = ("self", "split", "seed") if part == "train" else ("self",)
+        check_options(factory, options.pop(part, None) or {}, f"{where}.{part}", what, exclude=exclude)
+    check_options(MiniWorld.__init__, options, where, what, exclude=["self"], also=parts)

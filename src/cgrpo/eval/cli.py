@@ -195,11 +195,16 @@ def eval_mini(
     lora: Lora = None,
     images_per_prompt: Annotated[int, typer.Option(help="Images per (subject, prompt).")] = 4,
     num_subjects: Annotated[
-        int, typer.Option(help="Held-out subjects (the trainer's eval.num_subjects).")
+        int, typer.Option(help="Held-out subjects (a training config's data.options.eval.num_subjects).")
     ] = 16,
-    prompts_per_kind: Annotated[int, typer.Option(help="Prompts per kind and subject.")] = 1,
+    prompts_per_kind: Annotated[
+        int,
+        typer.Option(
+            help="Prompts per kind and subject (a training config's data.options.eval.prompts_per_kind)."
+        ),
+    ] = 1,
     eval_seed: Annotated[
-        int, typer.Option(help="Seed choosing the held-out set (the trainer's eval.seed).")
+        int, typer.Option(help="Seed choosing the held-out set (a training config's data.options.eval.seed).")
     ] = 1234,
     image_size: Annotated[int, typer.Option(help="Mini-world image size.")] = 32,
     metrics: Annotated[str, typer.Option(help="Comma-separated metrics.")] = "mini_id,mini_prompt",

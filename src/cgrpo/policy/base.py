@@ -15,6 +15,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -190,6 +191,18 @@ def build(name: str, **options) -> Policy:
     """Build a registered policy, e.g. ``build("mini")`` or ``build("uno", flux_path=..., lora_path=...)``."""
     _import_builtin_policies()
     return POLICIES.build(name, **options)
+
+
+def check(
+    name: str,
+    options: dict[str, Any] | None,
+    name_key: str = "policy.name",
+    options_key: str = "policy.options",
+) -> None:
+    """Raise :class:`~cgrpo.config.ConfigError` naming ``name_key`` or ``<options_key>.<option>`` if no policy
+    ``name`` is registered or its factory takes no such option; builds nothing."""
+    _import_builtin_policies()
+    POLICIES.check(name, options, name_key, options_key)
 
 
 def names() -> list[str]:

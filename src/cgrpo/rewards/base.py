@@ -14,7 +14,7 @@ them out and counts them) but a reward must never raise on a valid batch.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -50,6 +50,13 @@ def build(name: str, **options) -> Reward:
     """Build a registered reward by name, e.g. ``build("dino_seg", dino_path=..., device="cuda")``."""
     _import_builtin_rewards()
     return REWARDS.build(name, **options)
+
+
+def check(name: str, options: dict[str, Any] | None, key: str) -> None:
+    """Raise :class:`~cgrpo.config.ConfigError` naming ``<key>.name`` or ``<key>.options.<option>`` (``key``
+    e.g. ``rewards.prompt``) if no reward ``name`` is registered or it takes no such option; builds none."""
+    _import_builtin_rewards()
+    REWARDS.check(name, options, f"{key}.name", f"{key}.options")
 
 
 def names() -> list[str]:

@@ -6,7 +6,7 @@ Each field's comment says what it controls; `validate()` rejects impossible valu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from cgrpo.config import ConfigError
 
@@ -103,9 +103,16 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    """How the held-out set is evaluated; the set itself is the dataset's (``data.options.eval`` of the mini
+    world, ``data.options.eval_path`` of a JSONL dataset)."""
+
+    # Keys of earlier releases that were never read, and where their setting lives (cgrpo.config.from_dict).
+    removed_keys: ClassVar[dict[str, str]] = {
+        "num_subjects": "data.options.eval.num_subjects (the mini world's held-out subjects)",
+        "prompts_per_kind": "data.options.eval.prompts_per_kind (the mini world's held-out prompts)",
+    }
+
     every: int = 25  # iterations between held-out evaluations (0 = only at start and end)
-    num_subjects: int = 16
-    prompts_per_kind: int = 1
     images_per_prompt: int = 1
     num_steps: int = 10  # ODE steps for evaluation samples
     seed: int = 1234
@@ -155,6 +162,7 @@ class GRPOConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def validate(self) -> None:
+        check_components(self.policy, self.data, self.rewards)
         t, s = self.train, self.sampling
         _require(t.group_size >= 2, "train.group_size", t.group_size, "at least 2 (advantages are relative)")
         _require(t.prompts_per_iteration >= 1, "train.prompts_per_iteration", t.prompts_per_iteration, ">= 1")
@@ -239,6 +247,32 @@ class GRPOConfig:
         _require(self.checkpoint.keep_last >= 1, "checkpoint.keep_last", self.checkpoint.keep_last, ">= 1")
         d = self.distributed
         _require(d.timeout_s > 0, "distributed.timeout_s", d.timeout_s, "> 0")
+
+
+def check_components(
+    policy: PolicyConfig | None = None,
+    data: DataConfig | None = None,
+    rewards: RewardsConfig | None = None,
+    prefix: str = "",
+) -> None:
+    """Check the registered names and the options of a config's components before any is built: a misspelt
+    name or option is a :class:`ConfigError` naming its key (``rewards.prompt.name``), not a traceback later.
+    ``prefix`` is where the sections sit in the config (``heldout.`` for SFT's rewards)."""
+    # Imported here: the registries load their built-in components (diffusers, transformers) on first use.
+    if policy is not None:
+        from cgrpo import policy as policies
+
+        policies.check(policy.name, policy.options, f"{prefix}policy.name", f"{prefix}policy.options")
+    if data is not None:
+        from cgrpo.data import registry as datasets
+
+        datasets.check(data.name, data.options, f"{prefix}data")
+    if rewards is not None:
+        from cgrpo import rewards as reward_registry
+
+        for role in ("identity", "prompt"):
+            reward = getattr(rewards, role)
+            reward_registry.check(reward.name, reward.options, f"{prefix}rewards.{role}")
 
 
 def _require(ok: bool, key: str, value: Any, expected: str) -> None:

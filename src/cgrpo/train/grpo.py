@@ -61,7 +61,7 @@ from cgrpo.train.components import (
 )
 from cgrpo.train.config import GRPOConfig
 from cgrpo.train.distributed import Distributed
-from cgrpo.train.heldout import HeldoutResult, evaluate_heldout
+from cgrpo.train.heldout import NO_HELDOUT, HeldoutResult, base_trained_summary, evaluate_heldout
 from cgrpo.train.logger import MetricsLogger
 from cgrpo.train.sampling import Trajectory, rollout, schedule
 
@@ -96,6 +96,8 @@ class GRPOTrainer:
         if config.train.compile:
             self.policy.transformer.compile()
         self.train_set, self.heldout = build_datasets(config.data, config.seed)
+        if not self.heldout and self.dist.is_main:
+            self.console.print(f"[yellow]{NO_HELDOUT}[/]")
         self.identity_reward, self.prompt_reward = build_rewards(config)
         self.sampler = BatchSampler(len(self.train_set), config.train.prompts_per_iteration, config.seed)
         # DDP/FSDP wrapping comes before the optimiser: FSDP replaces the parameters by sharded ones.
@@ -183,7 +185,10 @@ class GRPOTrainer:
             progress.close()
             self.logger.close()
         self.save_policy(self.output_dir / "final")
-        summary = {"base": self.history["eval"][0]["metrics"], "trained": self.history["eval"][-1]["metrics"]}
+        history = self.history["eval"]  # empty without held-out data
+        summary = base_trained_summary(
+            history[0]["metrics"] if history else None, history[-1]["metrics"] if history else None
+        )
         if self.dist.is_main:
             atomic_write_json(self.output_dir / "summary.json", summary)
         self.dist.barrier()

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -45,6 +46,18 @@ class HeldoutResult:
                 out[f"{kind}/id"] = _nanmean(self.identity[indices])
                 out[f"{kind}/prompt"] = _nanmean(self.prompt[indices])
         return out
+
+
+# What a run's summary says when its dataset has no held-out examples (a JSONL dataset without eval_path).
+NO_HELDOUT = "no held-out data (set data.options.eval_path to a held-out dataset): no base or trained rewards"
+
+
+def base_trained_summary(base: dict[str, float] | None, trained: dict[str, float] | None) -> dict[str, Any]:
+    """A run's ``summary.json``: ``{"base": ..., "trained": ...}`` held-out metrics; without held-out data
+    (``None`` or empty) both are empty and ``"heldout"`` says why."""
+    if not base or not trained:
+        return {"base": {}, "trained": {}, "heldout": NO_HELDOUT}
+    return {"base": base, "trained": trained}
 
 
 def ci95(values: torch.Tensor) -> float:

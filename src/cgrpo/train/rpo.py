@@ -55,7 +55,15 @@ import torch.nn.functional as F
 import typer
 
 from cgrpo.config import ConfigError, to_dict
-from cgrpo.train.config import DataConfig, EvalConfig, LogConfig, PolicyConfig, RewardsConfig, SamplingConfig
+from cgrpo.train.config import (
+    DataConfig,
+    EvalConfig,
+    LogConfig,
+    PolicyConfig,
+    RewardsConfig,
+    SamplingConfig,
+    check_components,
+)
 
 # --- config ------------------------------------------------------------------------------------------
 
@@ -106,6 +114,7 @@ class RPOConfig:
     log: LogConfig = field(default_factory=LogConfig)
 
     def validate(self) -> None:
+        check_components(self.policy, self.data, self.rewards)
         p, t = self.pairs, self.train
         checks = [
             (p.prompts >= 0, "pairs.prompts", p.prompts, ">= 0 (0 = the whole training set)"),
@@ -382,7 +391,7 @@ def run_rpo(config: RPOConfig, console: Any | None = None) -> dict[str, Any]:
         build_rewards,
         record_world_version,
     )
-    from cgrpo.train.heldout import evaluate_heldout
+    from cgrpo.train.heldout import base_trained_summary, evaluate_heldout
     from cgrpo.train.logger import MetricsLogger
     from cgrpo.train.sampling import schedule
 
@@ -485,7 +494,7 @@ def run_rpo(config: RPOConfig, console: Any | None = None) -> dict[str, Any]:
     else:
         policy.save_pretrained(final)
     atomic_write_json(final / "eval_history.json", history)
-    summary = {"base": base_metrics, "trained": trained_metrics}
+    summary = base_trained_summary(base_metrics, trained_metrics)
     atomic_write_json(out / "summary.json", summary)
     return summary
 

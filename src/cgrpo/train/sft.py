@@ -33,7 +33,7 @@ from cgrpo.data.base import Example
 from cgrpo.policy.base import Conditioning
 from cgrpo.policy.flux import ReferenceFluxPolicy, atomic_directory
 from cgrpo.sde import flux_sigmas
-from cgrpo.train.config import DataConfig, LoraConfig, RewardsConfig
+from cgrpo.train.config import DataConfig, LoraConfig, RewardsConfig, check_components
 from cgrpo.train.sampling import sample_images
 
 # --- config ------------------------------------------------------------------------------------------
@@ -131,6 +131,16 @@ class SFTConfig:
     max_minutes: float | None = None
 
     def validate(self) -> None:
+        # Registered names and their options first: a misspelt one is an error naming its key.
+        if self.model.policy is not None:
+            from cgrpo import policy as policies
+
+            policies.check(self.model.policy, self.model.options, "model.policy", "model.options")
+        if self.data.dataset is not None:
+            from cgrpo.data import registry as datasets
+
+            datasets.check(self.data.dataset.name, self.data.dataset.options, "data.dataset")
+        check_components(rewards=self.heldout.rewards, prefix="heldout.")
         if self.optim.steps < 1:
             raise ConfigError(f"optim.steps: expected >= 1, got {self.optim.steps}")
         if self.optim.batch_size < 1:
@@ -469,6 +479,8 @@ class _Heldout:
         from cgrpo.train.heldout import evaluate_heldout
 
         h = self.config
+        if not self.examples:  # a dataset without held-out data: the summary says so
+            return {}
         # evaluate_heldout conditions before it switches to eval mode: frozen text encoders with dropout
         # (T5) would otherwise draw random embeddings from the global RNG.
         training = self.policy.transformer.training
@@ -496,15 +508,18 @@ class _Heldout:
                 raise FileNotFoundError(f"{path} is missing: cannot report the base of a resumed SFT run")
             metrics = self.evaluate()
             atomic_write_json(path, metrics)
-            logger.log(0, {f"eval/{k}": v for k, v in metrics.items()})
+            if metrics:
+                logger.log(0, {f"eval/{k}": v for k, v in metrics.items()})
         self.base_metrics = json.loads(path.read_text())
 
     def trained(self, out: Path, logger: _Logger, step: int) -> None:
         from cgrpo.io import atomic_write_json
+        from cgrpo.train.heldout import base_trained_summary
 
         metrics = self.evaluate()
-        logger.log(step, {f"eval/{k}": v for k, v in metrics.items()})
-        atomic_write_json(out / "summary.json", {"base": self.base_metrics, "trained": metrics})
+        if metrics:
+            logger.log(step, {f"eval/{k}": v for k, v in metrics.items()})
+        atomic_write_json(out / "summary.json", base_trained_summary(self.base_metrics, metrics))
 
 
 # --- the run -----------------------------------------------------------------------------------------
