@@ -173,18 +173,15 @@ def test_tiny_rpo_run_end_to_end(tiny_policy_dir, tmp_path):
 
 
 def test_rpo_command(tiny_policy_dir, tmp_path):
-    import typer
     from typer.testing import CliRunner
 
+    from cgrpo.cli import app
     from cgrpo.config import save_config
-    from cgrpo.train.rpo import rpo_command
 
-    app = typer.Typer()
-    app.command()(rpo_command)
     save_config(tiny_rpo_config(tiny_policy_dir, tmp_path / "cli", "train.steps=1"), tmp_path / "rpo.yaml")
-    result = CliRunner().invoke(app, [str(tmp_path / "rpo.yaml"), "pairs.prompts=2"])
+    result = CliRunner().invoke(app, ["rpo", str(tmp_path / "rpo.yaml"), "pairs.prompts=2"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "cli" / "summary.json").is_file()
     assert "prompts: 2" in (tmp_path / "cli" / "config.yaml").read_text()
-    bad = CliRunner().invoke(app, [str(tmp_path / "rpo.yaml"), "train.beta=-1"])
+    bad = CliRunner().invoke(app, ["rpo", str(tmp_path / "rpo.yaml"), "train.beta=-1"])
     assert bad.exit_code == 2 and "train.beta" in bad.output

@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from cgrpo.eval.stats import pareto_front  # noqa: E402
-from cgrpo.io import atomic_write, atomic_write_json  # noqa: E402
+from cgrpo.io import atomic_write, atomic_write_json, truncate_jsonl  # noqa: E402
 
 PAPER_CONFLICT_RATE = 0.502  # App. B.2: 300 groups of 12 images on UNO
 ADVANTAGES_FILE = "advantages.jsonl"
@@ -94,10 +94,7 @@ def log_advantages(
 
 def truncate_advantages(path: str | Path, step: int) -> None:
     """On resume from iteration ``step``: drop logged records of later iterations (they will be re-run)."""
-    path = Path(path)
-    if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
+    truncate_jsonl(path, step)
 
 
 @torch.no_grad()

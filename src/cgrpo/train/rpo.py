@@ -48,14 +48,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-import typer
 
 from cgrpo.config import ConfigError, to_dict
+from cgrpo.sde import steps_to_mask
 from cgrpo.train.config import DataConfig, EvalConfig, LogConfig, PolicyConfig, RewardsConfig, SamplingConfig
+from cgrpo.train.flow_matching import SigmaSampling, sample_sigmas
 
 # --- config ------------------------------------------------------------------------------------------
 
@@ -85,7 +86,7 @@ class RPOTrainConfig:
     similarity_weight: float = 250.0
     # {a}: "a"/"an", {subject}: the class; "a photo of {a} {subject}" is DreamBooth's form for real data.
     similarity_prompt: str = "{a} {subject}"
-    sigma_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    sigma_sampling: SigmaSampling = "uniform"
     logit_mean: float = 0.0
     logit_std: float = 1.0
 
@@ -244,12 +245,6 @@ def lora_disabled(policy: Any):
     return policy.disable_lora()
 
 
-def _sample_sigmas(batch: int, train: RPOTrainConfig, generator: torch.Generator) -> torch.Tensor:
-    if train.sigma_sampling == "uniform":
-        return torch.rand(batch, generator=generator)
-    return torch.sigmoid(train.logit_mean + train.logit_std * torch.randn(batch, generator=generator))
-
-
 @dataclass
 class PreferenceData:
     """The offline preference set. ``chosen``/``rejected``: clean latents ``[M, N, C]``; ``examples``: ``[M]``
@@ -302,10 +297,11 @@ def build_preferences(
 
     p, s = config.pairs, config.sampling
     k = p.candidates
-    sde_steps = torch.zeros(len(sigmas) - 1, dtype=torch.bool)
-    if p.sde:  # the GRPO rollouts' stochastic steps: the first sampling.sde_steps (default all but the last)
-        count = getattr(s, "sde_steps", None)
-        sde_steps[: len(sde_steps) - 1 if count is None else count] = True
+    num_steps = len(sigmas) - 1
+    # SDE candidates take the GRPO rollouts' stochastic steps: the first sampling.sde_steps (default all but
+    # the last); ODE candidates none.
+    count = (num_steps - 1 if s.sde_steps is None else s.sde_steps) if p.sde else 0
+    sde_steps = steps_to_mask(torch.arange(count), num_steps)
     latents, r_id, r_prompt = [], [], []
     policy.eval()
     for start in range(0, len(indices), p.generation_batch):
@@ -378,6 +374,7 @@ def run_rpo(config: RPOConfig, console: Any | None = None) -> dict[str, Any]:
     from cgrpo.sde import flux_sigmas
     from cgrpo.train.components import (
         BatchSampler,
+        TrainingError,
         build_datasets,
         build_policy,
         build_rewards,
@@ -453,7 +450,7 @@ def run_rpo(config: RPOConfig, console: Any | None = None) -> dict[str, Any]:
         stats = data.stats()
         logger.log(0, {**stats, "time/pairs": time.perf_counter() - tic, "pairs/reused": float(reused)})
         if len(data.examples) == 0:
-            raise ValueError(
+            raise TrainingError(
                 "no preference pairs: every prompt's candidates scored the same (or NaN); "
                 "raise pairs.candidates or lower pairs.min_margin"
             )
@@ -510,7 +507,7 @@ def _train_step(
     cond = policy.condition([e.prompt for e in examples], references)
     x_w, x_l = data.chosen[pick].to(device), data.rejected[pick].to(device)
     # One noise level and one noise per pair, shared by its chosen and rejected sample (Diffusion-DPO).
-    sigma = _sample_sigmas(b, t, generator)
+    sigma = sample_sigmas(b, t.sigma_sampling, t.logit_mean, t.logit_std, generator)
     noise = torch.randn(x_w.shape, generator=generator).to(device)
     x0 = torch.cat([x_w, x_l])
     pair_cond = type(cond).cat([cond, cond])
@@ -527,7 +524,7 @@ def _train_step(
         sim_prompts = [class_prompt(t.similarity_prompt, e.subject_class) for e in examples]
         sim_cond = policy.condition(sim_prompts, references)
         target = policy.encode_images(references)
-        sim_sigma = _sample_sigmas(b, t, generator)
+        sim_sigma = sample_sigmas(b, t.sigma_sampling, t.logit_mean, t.logit_std, generator)
         sim_noise = torch.randn(target.shape, generator=generator).to(device)
         v = policy.velocity(noisy(target, sim_noise, sim_sigma), sim_sigma, sim_cond)
         sim = velocity_errors(v, sim_noise, target).mean()
@@ -550,28 +547,11 @@ def _train_step(
     }
 
 
-# --- command line ------------------------------------------------------------------------------------
+CONFIG = RPOConfig
 
 
-def rpo_command(
-    config: Annotated[Path, typer.Argument(help="YAML config, e.g. configs/mini/rpo.yaml")],
-    overrides: Annotated[
-        list[str] | None,
-        typer.Argument(help="Dotted config overrides, e.g. train.beta=500 pairs.candidates=4"),
-    ] = None,
-) -> None:
-    """RPO baseline (Table 2): offline preference pairs from the base policy, DPO + similarity loss."""
-    from rich.console import Console
-    from rich.markup import escape
-
-    from cgrpo.config import load_config
-    from cgrpo.data.formats import DatasetError
-
-    errors = Console(stderr=True)
-    try:
-        cfg = load_config(RPOConfig, config, list(overrides or []))
-        summary = run_rpo(cfg, console=errors)
-    except (ConfigError, DatasetError, FileNotFoundError, ValueError) as error:
-        errors.print(f"[bold red]error:[/] {escape(str(error))}", soft_wrap=True)
-        raise typer.Exit(code=2) from None
-    Console().print_json(json.dumps(summary))
+def run(config: RPOConfig, resume: bool = False) -> dict[str, Any]:
+    """The RPO recipe (:mod:`cgrpo.train.recipe`). There is no mid-training checkpoint: the offline preference
+    pairs (``pairs.pt``, the expensive part) are reused whenever their settings match, with or without
+    ``resume``, and the short DPO training runs again from its start."""
+    return run_rpo(config)
