@@ -71,5 +71,7 @@ def truncate_jsonl(path: str | Path, step: int) -> None:
     path = Path(path)
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    kept = [
+        line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
+    ]
     atomic_write_text(path, "".join(line + "\n" for line in kept))

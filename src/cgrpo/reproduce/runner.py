@@ -1,8 +1,9 @@
 """Runs a plan: every unfinished run once, in parallel one-thread subprocesses (or in this process).
 
-A run is finished when its ``summary.json`` exists (every trainer writes it last). Every run goes through the
-recipe contract (:mod:`cgrpo.train.recipe`) with ``resume=True``: an interrupted GRPO or SFT run continues
-from its newest checkpoint, an RPO run reuses its cached preference pairs (``pairs.pt``) and retrains. Each run's resolved config goes to
+A run is finished when its ``summary.json`` exists (every trainer writes it last). Every run goes through
+the recipe contract (:mod:`cgrpo.train.recipe`) with ``resume=True``: an interrupted GRPO or SFT run
+continues from its newest checkpoint, an RPO run reuses its cached preference pairs (``pairs.pt``) and
+retrains. Each run's resolved config goes to
 ``OUT/configs/<run_id>.yaml``, its console output to ``OUT/logs/<run_id>.log``.
 
 ``python -m cgrpo.reproduce.runner SPEC.json`` runs one spec (``{"kind": ..., "config": {...}}``); that is

@@ -17,8 +17,8 @@ def sample_sigmas(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """``[B]`` noise levels in (0, 1): uniform (Diffusion-DPO's timesteps), or logit-normal
-    ``sigmoid(N(logit_mean, logit_std))`` (SD3 / FLUX: most samples at mid noise, where the velocity is hardest
-    to predict). One ``torch.rand`` or ``torch.randn`` call of ``batch_size`` on ``generator``."""
+    ``sigmoid(N(logit_mean, logit_std))`` (SD3 / FLUX: most samples at mid noise, where the velocity is
+    hardest to predict). One ``torch.rand`` or ``torch.randn`` call of ``batch_size`` on ``generator``."""
     if sampling == "uniform":
         return torch.rand(batch_size, generator=generator)
     if sampling != "logit_normal":

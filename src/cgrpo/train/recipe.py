@@ -3,8 +3,8 @@
 A recipe is a module of :mod:`cgrpo.train` with
 
 - ``CONFIG``: its typed config dataclass (loaded from YAML with dotted overrides, ``validate()`` on load);
-- ``run(config, resume=False) -> dict``: train, write ``final/`` and (with held-out data) ``summary.json``, and
-  return the summary ``{"base": ..., "trained": ...}`` (``{}`` when there is no held-out evaluation).
+- ``run(config, resume=False) -> dict``: train, write ``final/`` and (with held-out data) ``summary.json``,
+  and return the summary ``{"base": ..., "trained": ...}`` (``{}`` when there is no held-out evaluation).
   ``resume=True`` continues from the newest checkpoint in ``output_dir`` and starts fresh when there is none.
 
 The command line (``cgrpo train`` / ``sft`` / ``rpo``) and ``cgrpo reproduce`` run any recipe through
@@ -37,7 +37,7 @@ class Recipe(Protocol):
 def get(kind: str) -> Recipe:
     """The recipe module of ``kind`` (``grpo``, ``sft`` or ``rpo``)."""
     if kind not in RECIPES:
-        raise ValueError(f"unknown recipe {kind!r}; expected one of {', '.join(RECIPES)}")
+        raise ValueError(f"unknown run kind {kind!r}; expected one of {', '.join(RECIPES)}")
     return importlib.import_module(RECIPES[kind][0])  # type: ignore[return-value]
 
 

@@ -33,14 +33,16 @@ says the candidates were generated "conditioned solely on text prompts", which w
 candidates and the loss are conditioned on (reference, prompt), so that the DPO terms compare images under
 the condition the model is trained and evaluated with.
 
-Run: ``cgrpo rpo configs/mini/rpo.yaml [key=value ...]``. Outputs under ``output_dir``, as a GRPO run:
-``config.yaml``, ``metrics.jsonl``, ``pairs.pt`` + ``pairs.json`` (the offline preference data, reused by a
-re-run with the same settings), ``samples/``, ``final/`` (the LoRA) and ``summary.json`` with held-out
-rewards of the base and the trained policy.
+Run: ``cgrpo rpo configs/mini/rpo.yaml [key=value ...] [--resume]``. Outputs under ``output_dir``, as a
+GRPO run: ``config.yaml``, ``metrics.jsonl``, ``pairs.pt`` + ``pairs.json`` (the offline preference data,
+reused by a re-run with the same settings), ``samples/``, ``checkpoints/step-XXXXXX/`` (every
+``checkpoint.every`` training steps), ``final/`` (the LoRA) and ``summary.json`` with held-out rewards of the
+base and the trained policy.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -55,7 +57,15 @@ import torch.nn.functional as F
 
 from cgrpo.config import ConfigError, to_dict
 from cgrpo.sde import steps_to_mask
-from cgrpo.train.config import DataConfig, EvalConfig, LogConfig, PolicyConfig, RewardsConfig, SamplingConfig
+from cgrpo.train.config import (
+    CheckpointConfig,
+    DataConfig,
+    EvalConfig,
+    LogConfig,
+    PolicyConfig,
+    RewardsConfig,
+    SamplingConfig,
+)
 from cgrpo.train.flow_matching import SigmaSampling, sample_sigmas
 
 # --- config ------------------------------------------------------------------------------------------
@@ -105,6 +115,7 @@ class RPOConfig:
     train: RPOTrainConfig = field(default_factory=RPOTrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)  # eval.every counts training steps here
     log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # every: training steps
 
     def validate(self) -> None:
         p, t = self.pairs, self.train
@@ -136,6 +147,8 @@ class RPOConfig:
             (self.sampling.num_steps >= 1, "sampling.num_steps", self.sampling.num_steps, ">= 1"),
             (self.eval.every >= 0, "eval.every", self.eval.every, ">= 0 (0 = only at start and end)"),
             (self.eval.num_steps >= 1, "eval.num_steps", self.eval.num_steps, ">= 1"),
+            (self.checkpoint.every >= 0, "checkpoint.every", self.checkpoint.every, ">= 0 (0 = never)"),
+            (self.checkpoint.keep_last >= 1, "checkpoint.keep_last", self.checkpoint.keep_last, ">= 1"),
         ]
         for ok, key, value, expected in checks:
             if not ok:
@@ -363,15 +376,27 @@ def _load_or_build_preferences(out: Path, key: str, build) -> tuple[PreferenceDa
 # --- the run -----------------------------------------------------------------------------------------
 
 
-def run_rpo(config: RPOConfig, console: Any | None = None) -> dict[str, Any]:
+def run_rpo(config: RPOConfig, console: Any | None = None, resume: bool = False) -> dict[str, Any]:
     """Generate preference pairs, train with DPO + similarity loss, evaluate; returns the summary
-    ``{"base": {...}, "trained": {...}}`` of held-out rewards (also written to ``summary.json``)."""
+    ``{"base": {...}, "trained": {...}}`` of held-out rewards (also written to ``summary.json``).
+
+    ``resume``: continue the training from the newest checkpoint in ``output_dir/checkpoints`` (if there is
+    one). The preference pairs (``pairs.pt``) are reused whenever their settings match, resumed or not."""
     from rich.console import Console
 
     from cgrpo.config import save_config
     from cgrpo.imaging import grid, save_png
     from cgrpo.io import atomic_write_json
     from cgrpo.sde import flux_sigmas
+    from cgrpo.train.checkpoint import (
+        latest_checkpoint,
+        load_weights,
+        read_checkpoint,
+        remove_stale_temp_dirs,
+        rng_state,
+        save_checkpoint,
+        set_rng_state,
+    )
     from cgrpo.train.components import (
         BatchSampler,
         TrainingError,
@@ -399,8 +424,28 @@ def run_rpo(config: RPOConfig, console: Any | None = None) -> dict[str, Any]:
     image_seq_len = policy.latent_shape[0]
     sigmas = flux_sigmas(config.sampling.num_steps, image_seq_len=image_seq_len, shift=config.sampling.shift)
     eval_sigmas = flux_sigmas(config.eval.num_steps, image_seq_len=image_seq_len, shift=config.sampling.shift)
-    logger = MetricsLogger(out, tensorboard=config.log.tensorboard, wandb=config.log.wandb, console=console)
+    t = config.train
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    generator = torch.Generator().manual_seed(config.seed + 1)
     history: list[dict[str, Any]] = []
+    checkpoint_dir = out / "checkpoints"
+    remove_stale_temp_dirs(checkpoint_dir)  # left by a save that was killed
+    checkpoint = latest_checkpoint(checkpoint_dir) if resume else None
+    start, state = 0, {}
+    if checkpoint is not None:
+        weights, state = read_checkpoint(checkpoint)
+        load_weights(policy.transformer, weights, checkpoint)
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        history, start = state["history"], int(state["step"])
+        console.print(f"resumed from {checkpoint} at step {start}")
+    logger = MetricsLogger(
+        out,
+        tensorboard=config.log.tensorboard,
+        wandb=config.log.wandb,
+        resume_step=start if checkpoint is not None else None,
+        console=console,
+    )
 
     def evaluate(step: int) -> dict[str, float]:
         if not heldout:
@@ -426,8 +471,11 @@ def run_rpo(config: RPOConfig, console: Any | None = None) -> dict[str, Any]:
 
     try:
         # 0. The base policy's held-out rewards (the adapter is zero-initialised: policy == base).
-        base_metrics = evaluate(0)
-        logger.log(0, {f"eval/{k}": v for k, v in base_metrics.items()}, echo=False)
+        if checkpoint is None:
+            base_metrics = evaluate(0)
+            logger.log(0, {f"eval/{k}": v for k, v in base_metrics.items()}, echo=False)
+        else:
+            base_metrics = history[0]["metrics"] if history else {}
 
         # 1-2. Offline preference data from the frozen base: the first P pairs GRPO would draw with this seed.
         count = config.pairs.prompts or len(train_set)
@@ -447,8 +495,9 @@ def run_rpo(config: RPOConfig, console: Any | None = None) -> dict[str, Any]:
                 torch.Generator().manual_seed(config.seed),
             ),
         )
-        stats = data.stats()
-        logger.log(0, {**stats, "time/pairs": time.perf_counter() - tic, "pairs/reused": float(reused)})
+        if checkpoint is None:
+            stats = data.stats()
+            logger.log(0, {**stats, "time/pairs": time.perf_counter() - tic, "pairs/reused": float(reused)})
         if len(data.examples) == 0:
             raise TrainingError(
                 "no preference pairs: every prompt's candidates scored the same (or NaN); "
@@ -456,10 +505,9 @@ def run_rpo(config: RPOConfig, console: Any | None = None) -> dict[str, Any]:
             )
 
         # 3. DPO + similarity loss on the pairs.
-        t = config.train
-        optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
-        generator = torch.Generator().manual_seed(config.seed + 1)
-        for step in range(1, t.steps + 1):
+        if checkpoint is not None:
+            set_rng_state(state["rng"])  # last: nothing between here and the next step draws from it
+        for step in range(start + 1, t.steps + 1):
             tic = time.perf_counter()
             # Only the transformer trains: frozen text encoders with dropout (T5) must not drop out here.
             policy.eval()
@@ -472,6 +520,16 @@ def run_rpo(config: RPOConfig, console: Any | None = None) -> dict[str, Any]:
                 metrics.update({f"eval/{k}": v for k, v in evaluate(step).items()})
             if config.log.every and step % config.log.every == 0 or step == t.steps:
                 logger.log(step, metrics, echo=step == t.steps or step % max(1, t.steps // 10) == 0)
+            if config.checkpoint.every and step % config.checkpoint.every == 0 and step < t.steps:
+                resumable = {
+                    "optimizer": optimizer.state_dict(),
+                    "generator": generator.get_state(),
+                    "rng": rng_state(),
+                    "history": copy.deepcopy(history),
+                }
+                save_checkpoint(
+                    checkpoint_dir, step, policy.transformer, resumable, config.checkpoint.keep_last
+                )
         trained_metrics = evaluate(t.steps) if t.steps > 0 or not history else history[-1]["metrics"]
         logger.log(t.steps, {f"eval/{k}": v for k, v in trained_metrics.items()}, echo=False)
     finally:
@@ -551,7 +609,5 @@ CONFIG = RPOConfig
 
 
 def run(config: RPOConfig, resume: bool = False) -> dict[str, Any]:
-    """The RPO recipe (:mod:`cgrpo.train.recipe`). There is no mid-training checkpoint: the offline preference
-    pairs (``pairs.pt``, the expensive part) are reused whenever their settings match, with or without
-    ``resume``, and the short DPO training runs again from its start."""
-    return run_rpo(config)
+    """The RPO recipe (:mod:`cgrpo.train.recipe`): :func:`run_rpo`."""
+    return run_rpo(config, resume=resume)

@@ -35,7 +35,7 @@ def lr_factor(step: int, schedule: str, warmup: int, total: int, min_ratio: floa
 def lr_scheduler(
     optimizer: torch.optim.Optimizer, schedule: str, warmup: int, total: int, min_ratio: float = 0.0
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A ``LambdaLR`` of :func:`lr_factor`, stepped once per optimisation step (its state goes into checkpoints)."""
+    """A ``LambdaLR`` of :func:`lr_factor`, stepped once per optimisation step (its state is checkpointed)."""
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, schedule, warmup, total, min_ratio)
     )

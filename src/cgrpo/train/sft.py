@@ -170,11 +170,7 @@ def flow_matching_loss(
     ref_tokens, ref_ids = policy.encode_references(references)
     text_ids = torch.zeros(embeds.shape[1], 3, device=embeds.device)
     cond = Conditioning(embeds, pooled, text_ids, ref_tokens, ref_ids, policy.guidance_tensor(len(prompts)))
-    s = sigma.to(x0.device)[:, None, None]
-    noise = noise.to(x0.device)
-    x_sigma = (1.0 - s) * x0 + s * noise
-    v = policy.velocity(x_sigma, sigma, cond)
-    return torch.mean((v - (noise - x0)) ** 2)
+    return _velocity_mse(policy, cond, x0, sigma, noise)
 
 
 def conditioned_flow_matching_loss(
@@ -189,6 +185,17 @@ def conditioned_flow_matching_loss(
     path, which works for every policy (the mini one, UNO's T5 + CLIP). Same shapes."""
     x0 = policy.encode_images(targets)
     cond = policy.condition(prompts, references.to(x0.device))
+    return _velocity_mse(policy, cond, x0, sigma, noise)
+
+
+def _velocity_mse(
+    policy: ReferenceFluxPolicy,
+    cond: Conditioning,
+    x0: torch.Tensor,
+    sigma: torch.Tensor,
+    noise: torch.Tensor,
+) -> torch.Tensor:
+    """``x_sigma = (1 - sigma) x0 + sigma noise``; ``mean ||v(x_sigma) - (noise - x0)||^2``."""
     s = sigma.to(x0.device)[:, None, None]
     noise = noise.to(x0.device)
     v = policy.velocity((1.0 - s) * x0 + s * noise, sigma, cond)
@@ -363,13 +370,19 @@ def evaluate(
 
 def _trained_weights(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     """The trainable parameters of ``modules`` (full weights, or the LoRA), keyed ``<module>.<parameter>``."""
-    return {f"{name}.{k}": v for name, module in modules.items() for k, v in trainable_state_dict(module).items()}
+    return {
+        f"{name}.{k}": v for name, module in modules.items() for k, v in trainable_state_dict(module).items()
+    }
 
 
-def _load_trained_weights(modules: dict[str, nn.Module], weights: dict[str, torch.Tensor], source: Path) -> None:
+def _load_trained_weights(
+    modules: dict[str, nn.Module], weights: dict[str, torch.Tensor], source: Path
+) -> None:
     for name, module in modules.items():
         prefix = f"{name}."
-        load_weights(module, {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}, source)
+        load_weights(
+            module, {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}, source
+        )
 
 
 def _train_mode(policy: ReferenceFluxPolicy, lora: bool):
@@ -465,7 +478,8 @@ def run_sft(
     """Train, then return the directory of the final EMA weights (``output_dir/final``).
 
     ``policy``/``train_data``/``eval_data`` replace the mini world and the random mini policy (tests, other
-    datasets). ``resume``: continue from the newest checkpoint in ``output_dir/checkpoints`` (if there is one).
+    datasets). ``resume``: continue from the newest checkpoint in ``output_dir/checkpoints`` (if there is
+    one).
     Deterministic on CPU for ``config.seed``, including across a resume.
 
     With ``heldout.enabled`` the base (before the first step) and the final EMA policy are scored with both
