@@ -369,6 +369,7 @@ def test_parallel_workers_train_in_subprocesses(tiny_world, tmp_path):
 
 def test_sft_baseline_lora_mode_resumes_and_reports(tiny_world, tmp_path):
     """SFT baseline: a fresh LoRA on a registered policy, the RL data, held-out rewards in summary.json."""
+    from cgrpo.train.checkpoint import read_checkpoint
     from cgrpo.train.sft import SFTConfig, run_sft
 
     grpo = read_yaml(tiny_world / "grpo.yaml")
@@ -394,10 +395,12 @@ def test_sft_baseline_lora_mode_resumes_and_reports(tiny_world, tmp_path):
     assert (final / "adapter_model.safetensors").is_file()  # the adapter only, like GRPO's final/
     summary = json.loads((tmp_path / "sft" / "summary.json").read_text())
     assert set(summary) == {"base", "trained"} and summary["base"] != summary["trained"]
-    assert (tmp_path / "sft" / "checkpoint" / "lora" / "adapter_model.safetensors").is_file()
+    # the checkpoint holds the adapter only (the frozen base is rebuilt from the config)
+    weights, _ = read_checkpoint(tmp_path / "sft" / "checkpoints" / "step-000002")
+    assert weights and all(".lora_" in name for name in weights)
     # resume from the step-2 checkpoint: the same base numbers are reported
     (tmp_path / "sft" / "summary.json").unlink()
-    run_sft(config)
+    run_sft(config, resume=True)
     assert json.loads((tmp_path / "sft" / "summary.json").read_text())["base"] == summary["base"]
 
 

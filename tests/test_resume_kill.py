@@ -146,7 +146,7 @@ def test_checkpoint_holds_everything_resume_needs(tiny_policy_dir, tmp_path):
 
 
 def test_lr_schedules():
-    from cgrpo.train.components import lr_factor
+    from cgrpo.train.schedule import lr_factor
 
     assert [lr_factor(i, "constant", 3, 10) for i in (0, 5)] == [1.0, 1.0]
     assert [lr_factor(i, "warmup", 4, 10) for i in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]

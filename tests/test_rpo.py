@@ -173,18 +173,52 @@ def test_tiny_rpo_run_end_to_end(tiny_policy_dir, tmp_path):
 
 
 def test_rpo_command(tiny_policy_dir, tmp_path):
-    import typer
     from typer.testing import CliRunner
 
+    from cgrpo.cli import app
     from cgrpo.config import save_config
-    from cgrpo.train.rpo import rpo_command
 
-    app = typer.Typer()
-    app.command()(rpo_command)
     save_config(tiny_rpo_config(tiny_policy_dir, tmp_path / "cli", "train.steps=1"), tmp_path / "rpo.yaml")
-    result = CliRunner().invoke(app, [str(tmp_path / "rpo.yaml"), "pairs.prompts=2"])
+    result = CliRunner().invoke(app, ["rpo", str(tmp_path / "rpo.yaml"), "pairs.prompts=2"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "cli" / "summary.json").is_file()
     assert "prompts: 2" in (tmp_path / "cli" / "config.yaml").read_text()
-    bad = CliRunner().invoke(app, [str(tmp_path / "rpo.yaml"), "train.beta=-1"])
+    bad = CliRunner().invoke(app, ["rpo", str(tmp_path / "rpo.yaml"), "train.beta=-1"])
     assert bad.exit_code == 2 and "train.beta" in bad.output
+
+
+def test_rpo_resume_after_a_kill_matches_an_uninterrupted_run(tiny_policy_dir, tmp_path, monkeypatch):
+    """The recipe contract's resume: RPO continues from its newest checkpoint, with the same numbers."""
+    from safetensors.torch import load_file
+
+    import cgrpo.train.rpo as rpo
+
+    overrides = ("train.steps=4", "checkpoint.every=2", "eval.every=2")
+    straight = rpo.run(tiny_rpo_config(tiny_policy_dir, tmp_path / "straight", *overrides))
+
+    real_step, calls = rpo._train_step, {"n": 0}
+
+    def killed_in_step_3(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    config = tiny_rpo_config(tiny_policy_dir, tmp_path / "run", *overrides)
+    monkeypatch.setattr(rpo, "_train_step", killed_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        rpo.run(config)
+    monkeypatch.setattr(rpo, "_train_step", real_step)
+    assert (tmp_path / "run" / "checkpoints" / "step-000002" / "COMPLETE").is_file()
+    resumed = rpo.run(config, resume=True)
+
+    assert resumed == straight
+    first = load_file(tmp_path / "straight" / "final" / "adapter_model.safetensors")
+    second = load_file(tmp_path / "run" / "final" / "adapter_model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+    def logged(run):
+        records = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(r).items() if not k.startswith("time/")} for r in records]
+
+    assert logged("run") == logged("straight")  # one line per step, the same values

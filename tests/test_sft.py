@@ -14,6 +14,7 @@ from cgrpo.config import load_config
 from cgrpo.data.base import Example
 from cgrpo.policy.flux import ReferenceFluxPolicy
 from cgrpo.testing.policies import tiny_policy_for_tests
+from cgrpo.train.checkpoint import list_checkpoints
 from cgrpo.train.sft import SFTConfig, flow_matching_loss, run_sft
 
 COLOURS = {
@@ -90,7 +91,7 @@ def test_sft_decreases_loss_and_is_deterministic(tmp_path):
 
     out = tmp_path / "a"
     assert (out / "config.yaml").is_file() and (out / "samples" / "step_000030.png").is_file()
-    assert list((out / "tb").iterdir())
+    assert list((out / "tensorboard").iterdir())
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "train/loss" in r] == [5, 10, 15, 20, 25, 30]
     assert any("eval/sample_mse" in r for r in records)
@@ -123,8 +124,8 @@ def test_sft_resume_matches_uninterrupted(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run_sft(resumed_cfg, policy=tiny_policy_for_tests(seed=0), train_data=data)
     monkeypatch.setattr(sft, "flow_matching_loss", real_loss)
-    assert (tmp_path / "resumed" / "checkpoint" / "state.pt").is_file()
-    resumed = run_sft(resumed_cfg, policy=tiny_policy_for_tests(seed=0), train_data=data)
+    assert [p.name for p in list_checkpoints(tmp_path / "resumed" / "checkpoints")] == ["step-000008"]
+    resumed = run_sft(resumed_cfg, resume=True, policy=tiny_policy_for_tests(seed=0), train_data=data)
 
     first = load_file(straight / "transformer/diffusion_pytorch_model.safetensors")
     second = load_file(resumed / "transformer/diffusion_pytorch_model.safetensors")

@@ -57,57 +57,76 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
-def _load_grpo_config(config: Path, overrides: list[str] | None, output_dir: Path | None):
-    from cgrpo.config import ConfigError, load_config
-    from cgrpo.train.config import GRPOConfig
+ConfigPath = Annotated[Path, typer.Argument(help="YAML config, e.g. configs/mini/customized_grpo.yaml")]
+OutputDir = Annotated[Path | None, typer.Option(help="Where logs, samples and checkpoints go.")]
+Resume = Annotated[
+    bool, typer.Option(help="Continue from the newest checkpoint in the output dir (fresh if there is none).")
+]
+
+
+def _run_recipe(
+    kind: str, config: Path, overrides: list[str] | None, output_dir: Path | None, resume: bool, **options
+) -> None:
+    """Load ``kind``'s config and run its recipe (:mod:`cgrpo.train.recipe`); user errors exit 2."""
+    import json
+
+    from cgrpo.config import ConfigError
+    from cgrpo.data.formats import DatasetError
+    from cgrpo.train import recipe
+    from cgrpo.train.components import TrainingError
 
     extra = list(overrides or [])
     if output_dir is not None:
         extra.append(f"output_dir={output_dir}")
     try:
-        return load_config(GRPOConfig, config, extra)
+        cfg = recipe.load_config(kind, config, extra)
     except ConfigError as error:
         _fail(str(error))
+    _quiet_library_progress_bars()
+    try:
+        summary = recipe.get(kind).run(cfg, resume, **options)
+    except (TrainingError, DatasetError, FileNotFoundError) as failure:  # reward down, disk full, bad data
+        _fail(str(failure))
+    console.print(f"final weights: {Path(cfg.output_dir) / 'final'}")
+    if summary:
+        console.print_json(json.dumps(summary))
 
 
 @app.command()
 def train(
-    config: Annotated[Path, typer.Argument(help="YAML config, e.g. configs/mini/customized_grpo.yaml")],
+    config: ConfigPath,
     overrides: Overrides = None,
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many more iterations.")] = None,
-    output_dir: Annotated[Path | None, typer.Option(help="Where logs, samples and checkpoints go.")] = None,
-    resume: Annotated[
-        bool, typer.Option(help="Continue from the newest checkpoint in the output dir.")
-    ] = False,
+    output_dir: OutputDir = None,
+    resume: Resume = False,
 ) -> None:
     """Run Customized-GRPO (or a baseline/ablation config) with GRPO."""
-    from cgrpo.data.formats import DatasetError
-    from cgrpo.train.components import TrainingError
-    from cgrpo.train.grpo import train as run_train
-
-    cfg = _load_grpo_config(config, overrides, output_dir)
-    _quiet_library_progress_bars()
-    try:
-        run_train(cfg, resume=resume, max_steps=max_steps)
-    except (TrainingError, DatasetError) as failure:  # reward down, disk full, bad dataset: exit 2
-        _fail(str(failure))
+    _run_recipe("grpo", config, overrides, output_dir, resume, max_steps=max_steps)
 
 
 @app.command()
 def sft(
     config: Annotated[Path, typer.Argument(help="YAML config, e.g. configs/mini/sft.yaml")],
     overrides: Overrides = None,
+    output_dir: OutputDir = None,
+    resume: Resume = False,
 ) -> None:
     """Supervised flow-matching fine-tuning (the SFT baseline and the mini world's base pretraining)."""
-    from cgrpo.config import ConfigError, load_config
-    from cgrpo.train.sft import SFTConfig, run_sft
+    _run_recipe("sft", config, overrides, output_dir, resume)
 
-    try:
-        cfg = load_config(SFTConfig, config, list(overrides or []))
-    except ConfigError as error:
-        _fail(str(error))
-    path = run_sft(cfg)
-    console.print(f"saved {path}")
+
+@app.command()
+def rpo(
+    config: Annotated[Path, typer.Argument(help="YAML config, e.g. configs/mini/rpo.yaml")],
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(help="Dotted config overrides, e.g. train.beta=500 pairs.candidates=4"),
+    ] = None,
+    output_dir: OutputDir = None,
+    resume: Resume = False,
+) -> None:
+    """RPO baseline (Table 2): offline preference pairs from the base policy, DPO + similarity loss."""
+    _run_recipe("rpo", config, overrides, output_dir, resume)
 
 
 @app.command()
@@ -199,9 +218,7 @@ def _add_bench() -> None:
 
 def _add_baselines() -> None:
     from cgrpo.reproduce.cli import reproduce_command
-    from cgrpo.train.rpo import rpo_command
 
-    app.command("rpo")(rpo_command)
     app.command("reproduce")(reproduce_command)
 
 

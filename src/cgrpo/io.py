@@ -61,3 +61,17 @@ def atomic_directory(directory: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def truncate_jsonl(path: str | Path, step: int) -> None:
+    """Keep only the records of a ``{"step": ...}`` JSONL log up to ``step`` (inclusive), atomically.
+
+    A run resumed from the checkpoint of ``step`` re-runs what came after it; dropping those records first
+    keeps one record per step. A missing file is left missing."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = [
+        line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
+    ]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))

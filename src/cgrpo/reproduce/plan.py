@@ -332,17 +332,9 @@ def budget_overrides(kind: Kind, grpo: dict[str, Any], data: dict[str, Any]) -> 
 
 
 def config_class(kind: Kind) -> type:
-    if kind == "grpo":
-        from cgrpo.train.config import GRPOConfig
+    from cgrpo.train import recipe
 
-        return GRPOConfig
-    if kind == "sft":
-        from cgrpo.train.sft import SFTConfig
-
-        return SFTConfig
-    from cgrpo.train.rpo import RPOConfig
-
-    return RPOConfig
+    return recipe.config_class(kind)
 
 
 def validate(kind: Kind, data: dict[str, Any]) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """Runs a plan: every unfinished run once, in parallel one-thread subprocesses (or in this process).
 
-A run is finished when its ``summary.json`` exists (every trainer writes it last). An interrupted GRPO run
-resumes from its newest checkpoint (``GRPOTrainer(..., resume=True)``), an SFT run from its ``checkpoint/``,
-an RPO run reuses its cached preference pairs (``pairs.pt``) and retrains. Each run's resolved config goes to
+A run is finished when its ``summary.json`` exists (every trainer writes it last). Every run goes through
+the recipe contract (:mod:`cgrpo.train.recipe`) with ``resume=True``: an interrupted GRPO or SFT run
+continues from its newest checkpoint, an RPO run reuses its cached preference pairs (``pairs.pt``) and
+retrains. Each run's resolved config goes to
 ``OUT/configs/<run_id>.yaml``, its console output to ``OUT/logs/<run_id>.log``.
 
 ``python -m cgrpo.reproduce.runner SPEC.json`` runs one spec (``{"kind": ..., "config": {...}}``); that is
@@ -22,37 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cgrpo.config import from_dict, save_config
+from cgrpo.config import save_config
 from cgrpo.io import atomic_write_json
-from cgrpo.reproduce.plan import Plan, PlannedRun, config_class
+from cgrpo.reproduce.plan import Plan, PlannedRun
+from cgrpo.train import recipe
 
-COMMANDS = {"grpo": "cgrpo train", "sft": "cgrpo sft", "rpo": "cgrpo rpo"}
 
-
-def run_spec(kind: str, config: dict[str, Any]) -> dict[str, Any] | None:
+def run_spec(kind: str, config: dict[str, Any]) -> dict[str, Any]:
     """Run (or resume) one training in this process; returns its summary."""
-    if kind not in COMMANDS:
-        raise ValueError(f"unknown run kind {kind!r}; expected grpo, sft or rpo")
-    cfg = from_dict(config_class(kind), config)  # type: ignore[arg-type]
-    if kind == "grpo":
-        from cgrpo.train import grpo  # looked up at call time: tests count trainer constructions
-        from cgrpo.train.checkpoint import latest_checkpoint
-
-        resume = latest_checkpoint(Path(cfg.output_dir) / "checkpoints") is not None
-        trainer = grpo.GRPOTrainer(cfg, resume=resume)
-        try:
-            return trainer.train()
-        finally:
-            trainer.dist.close()
-    if kind == "sft":
-        from cgrpo.train.sft import run_sft
-
-        run_sft(cfg)
-        summary = Path(cfg.output_dir) / "summary.json"
-        return json.loads(summary.read_text()) if summary.is_file() else None
-    from cgrpo.train.rpo import run_rpo
-
-    return run_rpo(cfg)
+    return recipe.get(kind).run(recipe.from_dict(kind, config), resume=True)
 
 
 def write_run_files(plan: Plan) -> Path:
@@ -66,8 +45,8 @@ def write_run_files(plan: Plan) -> Path:
     ]
     for run in plan.runs:
         path = out / "configs" / f"{run.run_id}.yaml"
-        save_config(from_dict(config_class(run.kind), run.config), path)
-        lines.append(f"{COMMANDS[run.kind]} {path}")
+        save_config(recipe.from_dict(run.kind, run.config), path)
+        lines.append(f"{recipe.command(run.kind)} {path} --resume")
     (out / "commands.sh").write_text("\n".join(lines) + "\n")
     atomic_write_json(out / "plan.json", plan.to_json())
     return out / "plan.json"

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from cgrpo.io import truncate_jsonl
+
 ADVANTAGES_FILE = "advantages.jsonl"
 
 
@@ -47,10 +49,7 @@ def log_advantages(
 
 def truncate_advantages(path: str | Path, step: int) -> None:
     """On resume from iteration ``step``: drop logged records of later iterations (they will be re-run)."""
-    path = Path(path)
-    if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
+    truncate_jsonl(path, step)
 
 
 def _json_float(value: float) -> float | None:

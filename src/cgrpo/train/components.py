@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 import time
 from collections.abc import Sequence
@@ -16,7 +15,7 @@ from cgrpo import rewards as reward_registry
 from cgrpo.data.base import Example, SubjectDataset
 from cgrpo.policy.base import Policy
 from cgrpo.rewards.base import Reward
-from cgrpo.train.config import DataConfig, GRPOConfig, PolicyConfig, TrainConfig
+from cgrpo.train.config import DataConfig, GRPOConfig, PolicyConfig
 
 
 def build_policy(config: PolicyConfig, device: str = "cpu") -> Policy:
@@ -148,36 +147,6 @@ def _call_with_timeout(fn, args: tuple, timeout_s: float):
     if "error" in result:
         raise result["error"]
     return result["value"]
-
-
-def lr_factor(iteration: int, schedule: str, warmup: int, total: int, min_ratio: float = 0.0) -> float:
-    """Multiplier of the base learning rate at ``iteration`` (0-based) of ``total``.
-
-    ``constant``: 1. ``warmup``: linear ramp ``(i + 1) / warmup`` over the first ``warmup`` iterations,
-    then 1. ``cosine``: the same ramp, then a half cosine from 1 down to ``min_ratio`` at ``total``.
-    """
-    if schedule == "constant":
-        return 1.0
-    if iteration < warmup:
-        return (iteration + 1) / warmup
-    if schedule == "warmup":
-        return 1.0
-    if schedule != "cosine":
-        raise ValueError(f"unknown lr schedule {schedule!r}; expected constant, warmup or cosine")
-    progress = min(1.0, (iteration - warmup) / max(1, total - warmup))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def build_lr_scheduler(
-    optimizer: torch.optim.Optimizer, config: TrainConfig
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """A ``LambdaLR`` stepped once per iteration (its state goes into checkpoints)."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda i: lr_factor(
-            i, config.lr_schedule, config.warmup_iterations, config.iterations, config.min_lr_ratio
-        ),
-    )
 
 
 class BatchSampler:

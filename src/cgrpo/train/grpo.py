@@ -19,7 +19,6 @@ iteration's N = B * G samples; rewards are gathered before step 4, so groups are
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 import warnings
@@ -52,7 +51,6 @@ from cgrpo.train.components import (
     RewardFailure,
     TrainingError,
     build_datasets,
-    build_lr_scheduler,
     build_policy,
     build_rewards,
     record_world_version,
@@ -64,6 +62,7 @@ from cgrpo.train.distributed import Distributed
 from cgrpo.train.heldout import NO_HELDOUT, HeldoutResult, base_trained_summary, evaluate_heldout
 from cgrpo.train.logger import MetricsLogger
 from cgrpo.train.sampling import Trajectory, rollout, schedule
+from cgrpo.train.schedule import lr_scheduler
 
 
 class GRPOTrainer:
@@ -111,7 +110,10 @@ class GRPOTrainer:
             betas=tuple(config.train.betas),
             weight_decay=config.train.weight_decay,
         )
-        self.lr_scheduler = build_lr_scheduler(self.optimizer, config.train)
+        t = config.train
+        self.lr_scheduler = lr_scheduler(
+            self.optimizer, t.lr_schedule, t.warmup_iterations, t.iterations, t.min_lr_ratio
+        )
         self.sigmas = schedule(self.policy, config.sampling.num_steps, config.sampling.shift)
         self.eval_sigmas = schedule(self.policy, config.eval.num_steps, config.sampling.shift)
         # Rollout noise and step selection draw from their own generators so that resume is exact.
@@ -316,9 +318,7 @@ class GRPOTrainer:
 
     def _sde_steps(self) -> torch.Tensor:
         """Steps sampled stochastically: the first ``sampling.sde_steps`` (default all but the last)."""
-        steps = torch.zeros(self.config.sampling.num_steps, dtype=torch.bool)
-        steps[: self._num_sde_steps()] = True
-        return steps
+        return steps_to_mask(torch.arange(self._num_sde_steps()), self.config.sampling.num_steps)
 
     def _select_steps(self) -> torch.Tensor:
         t = self.config.train
@@ -603,12 +603,16 @@ def _nanmean(values: torch.Tensor) -> float:
     return float(finite.mean()) if len(finite) else math.nan
 
 
-def train(config: GRPOConfig, resume: bool = False, max_steps: int | None = None) -> dict[str, Any]:
-    """Run Customized-GRPO (or a baseline/ablation, by config); returns ``{"base": ..., "trained": ...}``."""
+CONFIG = GRPOConfig
+
+
+def run(config: GRPOConfig, resume: bool = False, max_steps: int | None = None) -> dict[str, Any]:
+    """The GRPO recipe (:mod:`cgrpo.train.recipe`): Customized-GRPO, or a baseline/ablation by config.
+
+    Returns ``{"base": ..., "trained": ...}``; ``max_steps``: stop after this many more iterations."""
     trainer = GRPOTrainer(config, resume=resume)
     try:
         summary = trainer.train(max_steps=max_steps)
     finally:
         trainer.dist.close()
-    trainer.console.print(json.dumps(summary, indent=1))
     return summary

@@ -9,6 +9,8 @@ from typing import Any
 
 from rich.console import Console
 
+from cgrpo.io import truncate_jsonl
+
 
 class MetricsLogger:
     """Append-only metrics log; on resume, lines past the resumed step are dropped first."""
@@ -26,7 +28,8 @@ class MetricsLogger:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.output_dir / "metrics.jsonl"
         if resume_step is not None:
-            self._truncate_after(resume_step)
+            # A run killed after logging step s but before checkpointing it re-runs s: one line per step.
+            truncate_jsonl(self.path, resume_step)
         elif self.path.exists():
             self.path.unlink()
         self.console = console or Console(stderr=True)
@@ -45,15 +48,6 @@ class MetricsLogger:
                 self.console.print("[yellow]log.wandb is true but wandb is not installed; skipping W&B[/]")
             else:
                 self._wandb = wandb_module.init(dir=str(self.output_dir), config=config or {}, resume="allow")
-
-    def _truncate_after(self, step: int) -> None:
-        # A run killed after logging step s but before checkpointing it re-runs s; keep one line per step.
-        if not self.path.exists():
-            return
-        kept = [
-            line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step
-        ]
-        self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, step: int, metrics: dict[str, float], echo: bool = True) -> None:
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}

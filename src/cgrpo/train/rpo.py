@@ -33,14 +33,16 @@ says the candidates were generated "conditioned solely on text prompts", which w
 candidates and the loss are conditioned on (reference, prompt), so that the DPO terms compare images under
 the condition the model is trained and evaluated with.
 
-Run: ``cgrpo rpo configs/mini/rpo.yaml [key=value ...]``. Outputs under ``output_dir``, as a GRPO run:
-``config.yaml``, ``metrics.jsonl``, ``pairs.pt`` + ``pairs.json`` (the offline preference data, reused by a
-re-run with the same settings), ``samples/``, ``final/`` (the LoRA) and ``summary.json`` with held-out
-rewards of the base and the trained policy.
+Run: ``cgrpo rpo configs/mini/rpo.yaml [key=value ...] [--resume]``. Outputs under ``output_dir``, as a
+GRPO run: ``config.yaml``, ``metrics.jsonl``, ``pairs.pt`` + ``pairs.json`` (the offline preference data,
+reused by a re-run with the same settings), ``samples/``, ``checkpoints/step-XXXXXX/`` (every
+``checkpoint.every`` training steps), ``final/`` (the LoRA) and ``summary.json`` with held-out rewards of the
+base and the trained policy.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -48,14 +50,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-import typer
 
 from cgrpo.config import ConfigError, to_dict
+from cgrpo.sde import steps_to_mask
 from cgrpo.train.config import (
+    CheckpointConfig,
     DataConfig,
     EvalConfig,
     LogConfig,
@@ -64,6 +67,7 @@ from cgrpo.train.config import (
     SamplingConfig,
     check_components,
 )
+from cgrpo.train.flow_matching import SigmaSampling, sample_sigmas
 
 # --- config ------------------------------------------------------------------------------------------
 
@@ -93,7 +97,7 @@ class RPOTrainConfig:
     similarity_weight: float = 250.0
     # {a}: "a"/"an", {subject}: the class; "a photo of {a} {subject}" is DreamBooth's form for real data.
     similarity_prompt: str = "{a} {subject}"
-    sigma_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    sigma_sampling: SigmaSampling = "uniform"
     logit_mean: float = 0.0
     logit_std: float = 1.0
 
@@ -112,6 +116,7 @@ class RPOConfig:
     train: RPOTrainConfig = field(default_factory=RPOTrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)  # eval.every counts training steps here
     log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # every: training steps
 
     def validate(self) -> None:
         check_components(self.policy, self.data, self.rewards)
@@ -144,6 +149,8 @@ class RPOConfig:
             (self.sampling.num_steps >= 1, "sampling.num_steps", self.sampling.num_steps, ">= 1"),
             (self.eval.every >= 0, "eval.every", self.eval.every, ">= 0 (0 = only at start and end)"),
             (self.eval.num_steps >= 1, "eval.num_steps", self.eval.num_steps, ">= 1"),
+            (self.checkpoint.every >= 0, "checkpoint.every", self.checkpoint.every, ">= 0 (0 = never)"),
+            (self.checkpoint.keep_last >= 1, "checkpoint.keep_last", self.checkpoint.keep_last, ">= 1"),
         ]
         for ok, key, value, expected in checks:
             if not ok:
@@ -253,12 +260,6 @@ def lora_disabled(policy: Any):
     return policy.disable_lora()
 
 
-def _sample_sigmas(batch: int, train: RPOTrainConfig, generator: torch.Generator) -> torch.Tensor:
-    if train.sigma_sampling == "uniform":
-        return torch.rand(batch, generator=generator)
-    return torch.sigmoid(train.logit_mean + train.logit_std * torch.randn(batch, generator=generator))
-
-
 @dataclass
 class PreferenceData:
     """The offline preference set. ``chosen``/``rejected``: clean latents ``[M, N, C]``; ``examples``: ``[M]``
@@ -311,10 +312,11 @@ def build_preferences(
 
     p, s = config.pairs, config.sampling
     k = p.candidates
-    sde_steps = torch.zeros(len(sigmas) - 1, dtype=torch.bool)
-    if p.sde:  # the GRPO rollouts' stochastic steps: the first sampling.sde_steps (default all but the last)
-        count = getattr(s, "sde_steps", None)
-        sde_steps[: len(sde_steps) - 1 if count is None else count] = True
+    num_steps = len(sigmas) - 1
+    # SDE candidates take the GRPO rollouts' stochastic steps: the first sampling.sde_steps (default all but
+    # the last); ODE candidates none.
+    count = (num_steps - 1 if s.sde_steps is None else s.sde_steps) if p.sde else 0
+    sde_steps = steps_to_mask(torch.arange(count), num_steps)
     latents, r_id, r_prompt = [], [], []
     policy.eval()
     for start in range(0, len(indices), p.generation_batch):
@@ -376,16 +378,29 @@ def _load_or_build_preferences(out: Path, key: str, build) -> tuple[PreferenceDa
 # --- the run -----------------------------------------------------------------------------------------
 
 
-def run_rpo(config: RPOConfig, console: Any | None = None) -> dict[str, Any]:
+def run_rpo(config: RPOConfig, console: Any | None = None, resume: bool = False) -> dict[str, Any]:
     """Generate preference pairs, train with DPO + similarity loss, evaluate; returns the summary
-    ``{"base": {...}, "trained": {...}}`` of held-out rewards (also written to ``summary.json``)."""
+    ``{"base": {...}, "trained": {...}}`` of held-out rewards (also written to ``summary.json``).
+
+    ``resume``: continue the training from the newest checkpoint in ``output_dir/checkpoints`` (if there is
+    one). The preference pairs (``pairs.pt``) are reused whenever their settings match, resumed or not."""
     from rich.console import Console
 
     from cgrpo.config import save_config
     from cgrpo.imaging import grid, save_png
     from cgrpo.io import atomic_write_json
+    from cgrpo.train.checkpoint import (
+        latest_checkpoint,
+        load_weights,
+        read_checkpoint,
+        remove_stale_temp_dirs,
+        rng_state,
+        save_checkpoint,
+        set_rng_state,
+    )
     from cgrpo.train.components import (
         BatchSampler,
+        TrainingError,
         build_datasets,
         build_policy,
         build_rewards,
@@ -410,8 +425,28 @@ def run_rpo(config: RPOConfig, console: Any | None = None) -> dict[str, Any]:
     identity_reward, prompt_reward = build_rewards(config)  # type: ignore[arg-type]
     sigmas = schedule(policy, config.sampling.num_steps, config.sampling.shift)
     eval_sigmas = schedule(policy, config.eval.num_steps, config.sampling.shift)
-    logger = MetricsLogger(out, tensorboard=config.log.tensorboard, wandb=config.log.wandb, console=console)
+    t = config.train
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    generator = torch.Generator().manual_seed(config.seed + 1)
     history: list[dict[str, Any]] = []
+    checkpoint_dir = out / "checkpoints"
+    remove_stale_temp_dirs(checkpoint_dir)  # left by a save that was killed
+    checkpoint = latest_checkpoint(checkpoint_dir) if resume else None
+    start, state = 0, {}
+    if checkpoint is not None:
+        weights, state = read_checkpoint(checkpoint)
+        load_weights(policy.transformer, weights, checkpoint)
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        history, start = state["history"], int(state["step"])
+        console.print(f"resumed from {checkpoint} at step {start}")
+    logger = MetricsLogger(
+        out,
+        tensorboard=config.log.tensorboard,
+        wandb=config.log.wandb,
+        resume_step=start if checkpoint is not None else None,
+        console=console,
+    )
 
     def evaluate(step: int) -> dict[str, float]:
         if not heldout:
@@ -437,8 +472,11 @@ def run_rpo(config: RPOConfig, console: Any | None = None) -> dict[str, Any]:
 
     try:
         # 0. The base policy's held-out rewards (the adapter is zero-initialised: policy == base).
-        base_metrics = evaluate(0)
-        logger.log(0, {f"eval/{k}": v for k, v in base_metrics.items()}, echo=False)
+        if checkpoint is None:
+            base_metrics = evaluate(0)
+            logger.log(0, {f"eval/{k}": v for k, v in base_metrics.items()}, echo=False)
+        else:
+            base_metrics = history[0]["metrics"] if history else {}
 
         # 1-2. Offline preference data from the frozen base: the first P pairs GRPO would draw with this seed.
         count = config.pairs.prompts or len(train_set)
@@ -458,19 +496,19 @@ def run_rpo(config: RPOConfig, console: Any | None = None) -> dict[str, Any]:
                 torch.Generator().manual_seed(config.seed),
             ),
         )
-        stats = data.stats()
-        logger.log(0, {**stats, "time/pairs": time.perf_counter() - tic, "pairs/reused": float(reused)})
+        if checkpoint is None:
+            stats = data.stats()
+            logger.log(0, {**stats, "time/pairs": time.perf_counter() - tic, "pairs/reused": float(reused)})
         if len(data.examples) == 0:
-            raise ValueError(
+            raise TrainingError(
                 "no preference pairs: every prompt's candidates scored the same (or NaN); "
                 "raise pairs.candidates or lower pairs.min_margin"
             )
 
         # 3. DPO + similarity loss on the pairs.
-        t = config.train
-        optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
-        generator = torch.Generator().manual_seed(config.seed + 1)
-        for step in range(1, t.steps + 1):
+        if checkpoint is not None:
+            set_rng_state(state["rng"])  # last: nothing between here and the next step draws from it
+        for step in range(start + 1, t.steps + 1):
             tic = time.perf_counter()
             # Only the transformer trains: frozen text encoders with dropout (T5) must not drop out here.
             policy.eval()
@@ -483,6 +521,16 @@ def run_rpo(config: RPOConfig, console: Any | None = None) -> dict[str, Any]:
                 metrics.update({f"eval/{k}": v for k, v in evaluate(step).items()})
             if config.log.every and step % config.log.every == 0 or step == t.steps:
                 logger.log(step, metrics, echo=step == t.steps or step % max(1, t.steps // 10) == 0)
+            if config.checkpoint.every and step % config.checkpoint.every == 0 and step < t.steps:
+                resumable = {
+                    "optimizer": optimizer.state_dict(),
+                    "generator": generator.get_state(),
+                    "rng": rng_state(),
+                    "history": copy.deepcopy(history),
+                }
+                save_checkpoint(
+                    checkpoint_dir, step, policy.transformer, resumable, config.checkpoint.keep_last
+                )
         trained_metrics = evaluate(t.steps) if t.steps > 0 or not history else history[-1]["metrics"]
         logger.log(t.steps, {f"eval/{k}": v for k, v in trained_metrics.items()}, echo=False)
     finally:
@@ -518,7 +566,7 @@ def _train_step(
     cond = policy.condition([e.prompt for e in examples], references)
     x_w, x_l = data.chosen[pick].to(device), data.rejected[pick].to(device)
     # One noise level and one noise per pair, shared by its chosen and rejected sample (Diffusion-DPO).
-    sigma = _sample_sigmas(b, t, generator)
+    sigma = sample_sigmas(b, t.sigma_sampling, t.logit_mean, t.logit_std, generator)
     noise = torch.randn(x_w.shape, generator=generator).to(device)
     x0 = torch.cat([x_w, x_l])
     pair_cond = type(cond).cat([cond, cond])
@@ -535,7 +583,7 @@ def _train_step(
         sim_prompts = [class_prompt(t.similarity_prompt, e.subject_class) for e in examples]
         sim_cond = policy.condition(sim_prompts, references)
         target = policy.encode_images(references)
-        sim_sigma = _sample_sigmas(b, t, generator)
+        sim_sigma = sample_sigmas(b, t.sigma_sampling, t.logit_mean, t.logit_std, generator)
         sim_noise = torch.randn(target.shape, generator=generator).to(device)
         v = policy.velocity(noisy(target, sim_noise, sim_sigma), sim_sigma, sim_cond)
         sim = velocity_errors(v, sim_noise, target).mean()
@@ -558,28 +606,9 @@ def _train_step(
     }
 
 
-# --- command line ------------------------------------------------------------------------------------
+CONFIG = RPOConfig
 
 
-def rpo_command(
-    config: Annotated[Path, typer.Argument(help="YAML config, e.g. configs/mini/rpo.yaml")],
-    overrides: Annotated[
-        list[str] | None,
-        typer.Argument(help="Dotted config overrides, e.g. train.beta=500 pairs.candidates=4"),
-    ] = None,
-) -> None:
-    """RPO baseline (Table 2): offline preference pairs from the base policy, DPO + similarity loss."""
-    from rich.console import Console
-    from rich.markup import escape
-
-    from cgrpo.config import load_config
-    from cgrpo.data.formats import DatasetError
-
-    errors = Console(stderr=True)
-    try:
-        cfg = load_config(RPOConfig, config, list(overrides or []))
-        summary = run_rpo(cfg, console=errors)
-    except (ConfigError, DatasetError, FileNotFoundError, ValueError) as error:
-        errors.print(f"[bold red]error:[/] {escape(str(error))}", soft_wrap=True)
-        raise typer.Exit(code=2) from None
-    Console().print_json(json.dumps(summary))
+def run(config: RPOConfig, resume: bool = False) -> dict[str, Any]:
+    """The RPO recipe (:mod:`cgrpo.train.recipe`): :func:`run_rpo`."""
+    return run_rpo(config, resume=resume)

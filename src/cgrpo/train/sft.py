@@ -7,34 +7,43 @@ predict and most of the image structure is decided) or uniformly. The transforme
 are trained jointly from scratch with AdamW, linear warmup + cosine decay, gradient clipping and an EMA of the
 weights; the EMA weights are evaluated (fixed-seed ODE samples of held-out subjects) and saved.
 
-Run: ``python -m cgrpo.train.sft configs/mini/sft.yaml [key=value ...]``. Outputs under ``output_dir``:
-``config.yaml`` (resolved), ``metrics.jsonl``, ``tb/`` (TensorBoard), ``samples/step_XXXXXX.png``
-(reference | sample | target per row), ``checkpoint/`` (resume state) and ``final/`` (EMA weights,
-``save_pretrained`` format).
+Run: ``cgrpo sft configs/mini/sft.yaml [key=value ...] [--resume]``. Outputs under ``output_dir``:
+``config.yaml`` (resolved), ``metrics.jsonl``, ``tensorboard/``, ``samples/step_XXXXXX.png``
+(reference | sample | target per row), ``checkpoints/step-XXXXXX/`` (resume state, as a GRPO run's) and
+``final/`` (EMA weights, ``save_pretrained`` format).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
-from cgrpo.config import ConfigError, load_config, save_config
+from cgrpo.config import ConfigError, save_config
 from cgrpo.data.base import Example
 from cgrpo.policy.base import Conditioning
-from cgrpo.policy.flux import ReferenceFluxPolicy, atomic_directory
+from cgrpo.policy.flux import ReferenceFluxPolicy
 from cgrpo.sde import flux_sigmas
+from cgrpo.train.checkpoint import (
+    latest_checkpoint,
+    load_weights,
+    read_checkpoint,
+    remove_stale_temp_dirs,
+    save_checkpoint,
+    trainable_state_dict,
+)
 from cgrpo.train.config import DataConfig, LoraConfig, RewardsConfig, check_components
+from cgrpo.train.flow_matching import SigmaSampling, sample_sigmas
+from cgrpo.train.logger import MetricsLogger
 from cgrpo.train.sampling import sample_images
+from cgrpo.train.schedule import lr_scheduler
 
 # --- config ------------------------------------------------------------------------------------------
 
@@ -90,7 +99,7 @@ class SFTOptimConfig:
 
 @dataclass
 class SFTFlowConfig:
-    sigma_sampling: Literal["logit_normal", "uniform"] = "logit_normal"
+    sigma_sampling: SigmaSampling = "logit_normal"
     logit_mean: float = 0.0
     logit_std: float = 1.0
 
@@ -121,10 +130,9 @@ class SFTConfig:
     output_dir: Path = Path("runs/sft")
     log_every: int = 25
     eval_every: int = 250  # EMA eval loss + preview grid; 0 disables
-    save_every: int = 500  # resumable checkpoint; 0 disables
+    save_every: int = 500  # resumable checkpoint (output_dir/checkpoints/step-N, the newest kept); 0 disables
     sample_steps: int = 20  # Euler steps of the preview samples
     num_threads: int = 2  # torch CPU threads; 0 keeps torch's default
-    resume: bool = True  # continue from output_dir/checkpoint when it exists
     progress: bool = True
     # Wall-clock budget: stop early (EMA weights still evaluated and saved) when a shared machine is slower
     # than planned. The cosine schedule is then cut short and the run is no longer step-for-step reproducible.
@@ -156,24 +164,6 @@ class SFTConfig:
 # --- math --------------------------------------------------------------------------------------------
 
 
-def sample_sigmas(
-    batch_size: int, config: SFTFlowConfig, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """``[B]`` training noise levels in (0, 1)."""
-    if config.sigma_sampling == "uniform":
-        return torch.rand(batch_size, generator=generator)
-    normal = torch.randn(batch_size, generator=generator)
-    return torch.sigmoid(config.logit_mean + config.logit_std * normal)
-
-
-def lr_lambda(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """Linear warmup to 1, then cosine decay to ``min_ratio`` at ``total_steps``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def flow_matching_loss(
     policy: ReferenceFluxPolicy,
     prompts: Sequence[str],
@@ -191,11 +181,7 @@ def flow_matching_loss(
     ref_tokens, ref_ids = policy.encode_references(references)
     text_ids = torch.zeros(embeds.shape[1], 3, device=embeds.device)
     cond = Conditioning(embeds, pooled, text_ids, ref_tokens, ref_ids, policy.guidance_tensor(len(prompts)))
-    s = sigma.to(x0.device)[:, None, None]
-    noise = noise.to(x0.device)
-    x_sigma = (1.0 - s) * x0 + s * noise
-    v = policy.velocity(x_sigma, sigma, cond)
-    return torch.mean((v - (noise - x0)) ** 2)
+    return _velocity_mse(policy, cond, x0, sigma, noise)
 
 
 def conditioned_flow_matching_loss(
@@ -210,6 +196,17 @@ def conditioned_flow_matching_loss(
     path, which works for every policy (the mini one, UNO's T5 + CLIP). Same shapes."""
     x0 = policy.encode_images(targets)
     cond = policy.condition(prompts, references.to(x0.device))
+    return _velocity_mse(policy, cond, x0, sigma, noise)
+
+
+def _velocity_mse(
+    policy: ReferenceFluxPolicy,
+    cond: Conditioning,
+    x0: torch.Tensor,
+    sigma: torch.Tensor,
+    noise: torch.Tensor,
+) -> torch.Tensor:
+    """``x_sigma = (1 - sigma) x0 + sigma noise``; ``mean ||v(x_sigma) - (noise - x0)||^2``."""
     s = sigma.to(x0.device)[:, None, None]
     noise = noise.to(x0.device)
     v = policy.velocity((1.0 - s) * x0 + s * noise, sigma, cond)
@@ -355,34 +352,6 @@ def _param_groups(modules: Sequence[nn.Module], weight_decay: float) -> list[dic
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-class _Logger:
-    """metrics.jsonl + TensorBoard."""
-
-    def __init__(self, directory: Path, start_step: int) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.path = directory / "metrics.jsonl"
-        if start_step > 0 and self.path.exists():
-            # Resumed: drop what was logged after the checkpoint, it is about to be recomputed.
-            kept = [
-                line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= start_step
-            ]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        elif self.path.exists():
-            self.path.unlink()
-        self.writer = SummaryWriter(str(directory / "tb"), purge_step=start_step if start_step > 0 else None)
-
-    def log(self, step: int, values: dict[str, float]) -> None:
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps({"step": step, **values}) + "\n")
-        for key, value in values.items():
-            self.writer.add_scalar(key, value, step)
-        self.writer.flush()
-
-    def close(self) -> None:
-        self.writer.close()
-
-
 @torch.no_grad()
 def evaluate(
     policy: ReferenceFluxPolicy,
@@ -398,7 +367,7 @@ def evaluate(
     targets = torch.stack([e.target for e in examples])
     generator = torch.Generator().manual_seed(seed)
     n, c = policy.latent_shape
-    sigma = sample_sigmas(len(examples), flow, generator)
+    sigma = sample_sigmas(len(examples), flow.sigma_sampling, flow.logit_mean, flow.logit_std, generator)
     noise = torch.randn(len(examples), n, c, generator=generator)
     loss = (loss_fn or flow_matching_loss)(policy, prompts, references, targets, sigma, noise)
     cond = policy.condition(prompts, references)
@@ -412,31 +381,21 @@ def evaluate(
     return metrics, [references, images.cpu(), targets]
 
 
-def _save_checkpoint(
-    directory: Path,
-    policy: ReferenceFluxPolicy,
-    step: int,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    ema: EMA,
-    batcher: ExampleBatcher,
-    generator: torch.Generator,
-    lora_only: bool = False,
+def _trained_weights(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """The trainable parameters of ``modules`` (full weights, or the LoRA), keyed ``<module>.<parameter>``."""
+    return {
+        f"{name}.{k}": v for name, module in modules.items() for k, v in trainable_state_dict(module).items()
+    }
+
+
+def _load_trained_weights(
+    modules: dict[str, nn.Module], weights: dict[str, torch.Tensor], source: Path
 ) -> None:
-    with atomic_directory(directory) as tmp:
-        if lora_only:  # the frozen base is rebuilt from the config on resume (UNO's would be ~24 GB)
-            policy.save_lora(tmp / "lora")
-        else:
-            policy.save_pretrained(tmp / "policy")
-        state = {
-            "step": step,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "ema": ema.state_dict(),
-            "batcher": batcher.state_dict(),
-            "generator": generator.get_state(),
-        }
-        torch.save(state, tmp / "state.pt")
+    for name, module in modules.items():
+        prefix = f"{name}."
+        load_weights(
+            module, {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}, source
+        )
 
 
 def _train_mode(policy: ReferenceFluxPolicy, lora: bool):
@@ -498,7 +457,7 @@ class _Heldout:
         self.policy.transformer.train(training)
         return result.summary()
 
-    def base(self, out: Path, logger: _Logger, fresh: bool) -> None:
+    def base(self, out: Path, logger: MetricsLogger, fresh: bool) -> None:
         """Score the policy before training (a resumed run keeps the scores of its start)."""
         from cgrpo.io import atomic_write_json
 
@@ -509,16 +468,16 @@ class _Heldout:
             metrics = self.evaluate()
             atomic_write_json(path, metrics)
             if metrics:
-                logger.log(0, {f"eval/{k}": v for k, v in metrics.items()})
+                logger.log(0, {f"eval/{k}": v for k, v in metrics.items()}, echo=False)
         self.base_metrics = json.loads(path.read_text())
 
-    def trained(self, out: Path, logger: _Logger, step: int) -> None:
+    def trained(self, out: Path, logger: MetricsLogger, step: int) -> None:
         from cgrpo.io import atomic_write_json
         from cgrpo.train.heldout import base_trained_summary
 
         metrics = self.evaluate()
         if metrics:
-            logger.log(step, {f"eval/{k}": v for k, v in metrics.items()})
+            logger.log(step, {f"eval/{k}": v for k, v in metrics.items()}, echo=False)
         atomic_write_json(out / "summary.json", base_trained_summary(self.base_metrics, metrics))
 
 
@@ -527,6 +486,7 @@ class _Heldout:
 
 def run_sft(
     config: SFTConfig,
+    resume: bool = False,
     *,
     policy: ReferenceFluxPolicy | None = None,
     train_data: Sequence[Example] | None = None,
@@ -536,7 +496,9 @@ def run_sft(
     """Train, then return the directory of the final EMA weights (``output_dir/final``).
 
     ``policy``/``train_data``/``eval_data`` replace the mini world and the random mini policy (tests, other
-    datasets). Deterministic on CPU for ``config.seed``, including across a resume.
+    datasets). ``resume``: continue from the newest checkpoint in ``output_dir/checkpoints`` (if there is
+    one).
+    Deterministic on CPU for ``config.seed``, including across a resume.
 
     With ``heldout.enabled`` the base (before the first step) and the final EMA policy are scored with both
     rewards on ``heldout_data`` (default: ``data.dataset``'s held-out set, else the mini world's
@@ -567,25 +529,21 @@ def run_sft(
     eval_data = list(eval_data or [])
 
     lora = config.model.lora
-    checkpoint = out / "checkpoint"
-    resume = config.resume and (checkpoint / "state.pt").is_file()
-    if resume and lora.enabled:
-        policy = _build_policy(config) if policy is None else policy
-        policy.load_lora(checkpoint / "lora")
-    elif resume:
-        policy = ReferenceFluxPolicy.from_pretrained(checkpoint / "policy")
-    elif policy is None:
-        policy = _build_policy(config)
+    checkpoint_dir = out / "checkpoints"
+    remove_stale_temp_dirs(checkpoint_dir)  # left by a save that was killed
+    checkpoint = latest_checkpoint(checkpoint_dir) if resume else None
+    policy = _build_policy(config) if policy is None else policy
     if lora.enabled:
         # Only a fresh adapter on the transformer learns; text encoders stay frozen (as in GRPO and RPO).
         if not policy.has_lora:
             policy.add_lora(lora.rank, lora.alpha, lora.dropout, lora.target_modules)
-        modules = [policy.transformer]
+        trained = {"transformer": policy.transformer}
         loss_fn = conditioned_flow_matching_loss
     else:
         policy.requires_grad_(True)
-        modules = [policy.transformer, policy.text_encoder]
+        trained = {"transformer": policy.transformer, "text_encoder": policy.text_encoder}
         loss_fn = flow_matching_loss
+    modules = list(trained.values())
     train_mode = _train_mode(policy, lora.enabled)
     train_mode()
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
@@ -593,15 +551,14 @@ def run_sft(
 
     optim = config.optim
     optimizer = torch.optim.AdamW(_param_groups(modules, optim.weight_decay), lr=optim.lr, betas=optim.betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_lambda(step, optim.warmup_steps, optim.steps, optim.min_lr_ratio)
-    )
+    scheduler = lr_scheduler(optimizer, "cosine", optim.warmup_steps, optim.steps, optim.min_lr_ratio)
     ema = EMA(params, optim.ema_decay)
     generator = torch.Generator().manual_seed(config.seed)
     batcher = ExampleBatcher(train_data, optim.batch_size, generator)
     start = 0
-    if resume:
-        state = torch.load(checkpoint / "state.pt", weights_only=True)
+    if checkpoint is not None:
+        weights, state = read_checkpoint(checkpoint)
+        _load_trained_weights(trained, weights, checkpoint)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         ema.load_state_dict(state["ema"])
@@ -609,8 +566,9 @@ def run_sft(
         generator.set_state(state["generator"])
         start = int(state["step"])
 
-    logger = _Logger(out, start)
+    logger = MetricsLogger(out, resume_step=start if checkpoint is not None else None)
     n_tokens, channels = policy.latent_shape
+    flow = config.flow
     window: list[float] = []
     tick = started = time.perf_counter()
     done = start
@@ -626,7 +584,7 @@ def run_sft(
             )
         train_mode()
         save_png(grid(columns), out / "samples" / f"step_{step:06d}.png")
-        logger.log(step, metrics)
+        logger.log(step, metrics, echo=False)
         tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
     if heldout is not None:
@@ -641,7 +599,7 @@ def run_sft(
     )
     for step in bar:
         prompts, references, targets = batcher.next()
-        sigma = sample_sigmas(len(prompts), config.flow, generator)
+        sigma = sample_sigmas(len(prompts), flow.sigma_sampling, flow.logit_mean, flow.logit_std, generator)
         noise = torch.randn(len(prompts), n_tokens, channels, generator=generator)
         loss = loss_fn(policy, prompts, references, targets, sigma, noise)
         optimizer.zero_grad(set_to_none=True)
@@ -661,29 +619,27 @@ def run_sft(
                 "train/grad_norm": float(grad_norm),
                 "train/steps_per_s": len(window) / max(now - tick, 1e-9),
             }
-            logger.log(done, metrics)
+            logger.log(done, metrics, echo=False)
             bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
             window = []
         if config.eval_every and (done % config.eval_every == 0 or done == optim.steps):
             run_eval(done)
             last_eval = done
         if config.save_every and done % config.save_every == 0 and done < optim.steps:
-            _save_checkpoint(
-                checkpoint,
-                policy,
-                done,
-                optimizer,
-                scheduler,
-                ema,
-                batcher,
-                generator,
-                lora_only=lora.enabled,
-            )
+            state = {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "ema": ema.state_dict(),
+                "batcher": batcher.state_dict(),
+                "generator": generator.get_state(),
+            }
+            # The trained weights only: the rest is rebuilt from the config on resume (UNO's is ~24 GB).
+            save_checkpoint(checkpoint_dir, done, _trained_weights(trained), state, keep_last=1)
         if done % config.log_every == 0:
             tick = time.perf_counter()  # restart the clock after evals and saves: they are not training steps
 
         if config.max_minutes is not None and time.perf_counter() - started > 60.0 * config.max_minutes:
-            logger.log(done, {"train/stopped_early": 1.0})
+            logger.log(done, {"train/stopped_early": 1.0}, echo=False)
             tqdm.write(f"stopping at step {done}: max_minutes={config.max_minutes} reached")
             break
     bar.close()
@@ -703,16 +659,12 @@ def run_sft(
     return final
 
 
-def main(argv: list[str] | None = None) -> Path:
-    """``python -m cgrpo.train.sft CONFIG.yaml [key=value ...]``."""
-    argv = sys.argv[1:] if argv is None else argv
-    path = argv[0] if argv and not argv[0].count("=") else None
-    overrides = argv[1:] if path is not None else argv
-    config = load_config(SFTConfig, path, overrides)
-    final = run_sft(config)
-    print(f"final weights: {final}")
-    return final
+CONFIG = SFTConfig
 
 
-if __name__ == "__main__":
-    main()
+def run(config: SFTConfig, resume: bool = False) -> dict[str, Any]:
+    """The SFT recipe (:mod:`cgrpo.train.recipe`): :func:`run_sft`, then the held-out summary (``{}`` without
+    ``heldout.enabled``)."""
+    run_sft(config, resume)
+    summary = Path(config.output_dir) / "summary.json"
+    return json.loads(summary.read_text()) if config.heldout.enabled else {}
