@@ -14,11 +14,14 @@ One iteration (:meth:`GRPOTrainer.iteration`):
 The math lives in :mod:`cgrpo.advantage`, :mod:`cgrpo.sde` and :mod:`cgrpo.objective`; this file wires.
 With several processes (:mod:`cgrpo.train.distributed`) each one rolls out and scores its rows of the
 iteration's N = B * G samples; rewards are gathered before step 4, so groups are normalised as a whole.
+What the run shows besides its metrics (rollout grids, the advantages log, held-out images) hangs on the
+trainer as callbacks (:mod:`cgrpo.train.callbacks`); notices go to :mod:`logging`.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
 import warnings
@@ -26,16 +29,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
 from tqdm.auto import tqdm
 
 from cgrpo.advantage import conflict_rate, group_normalize, group_stats, sars, tdw_weights
 from cgrpo.config import save_config, to_dict
-from cgrpo.imaging import grid, save_png
 from cgrpo.io import atomic_write_json
 from cgrpo.objective import clipped_policy_loss, gaussian_mean_kl
 from cgrpo.sde import sde_step_with_logprob, sde_window, select_steps, steps_to_mask
-from cgrpo.train.advantage_log import log_advantages, truncate_advantages
+from cgrpo.train.callbacks import (
+    AdvantagesLog,
+    Callback,
+    CallbackList,
+    EvalImages,
+    RolloutGrids,
+    TensorBoardImages,
+)
 from cgrpo.train.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
@@ -59,17 +67,22 @@ from cgrpo.train.components import (
 )
 from cgrpo.train.config import GRPOConfig
 from cgrpo.train.distributed import Distributed
-from cgrpo.train.heldout import NO_HELDOUT, HeldoutResult, base_trained_summary, evaluate_heldout
+from cgrpo.train.heldout import NO_HELDOUT, base_trained_summary, evaluate_heldout
 from cgrpo.train.logger import MetricsLogger
 from cgrpo.train.sampling import Trajectory, rollout, schedule
 from cgrpo.train.schedule import lr_scheduler
 
+log = logging.getLogger(__name__)
+
 
 class GRPOTrainer:
-    def __init__(self, config: GRPOConfig, resume: bool = False, console: Console | None = None) -> None:
+    """``callbacks``: user :class:`~cgrpo.train.callbacks.Callback` s, called after the built-in ones."""
+
+    def __init__(
+        self, config: GRPOConfig, resume: bool = False, callbacks: list[Callback] | None = None
+    ) -> None:
         self.config = config
         self.dist = Distributed.setup(config.distributed, not config.policy.lora.enabled, config.device)
-        self.console = console or Console(stderr=True, quiet=not self.dist.is_main)
         self.output_dir = Path(config.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
         record_world_version(config.data)
@@ -77,7 +90,7 @@ class GRPOTrainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, self.output_dir / "config.yaml")
             for stale in remove_stale_temp_dirs(self.checkpoint_dir):  # left by a save that was killed
-                self.console.print(f"[yellow]removed {stale}: an unfinished checkpoint write[/]")
+                log.warning("removed %s: an unfinished checkpoint write", stale)
         # Every file of a JSONL/folder dataset is checked before anything expensive is built.
         validate_data(config.data)
         num_samples = config.train.prompts_per_iteration * config.train.group_size
@@ -96,7 +109,7 @@ class GRPOTrainer:
             self.policy.transformer.compile()
         self.train_set, self.heldout = build_datasets(config.data, config.seed)
         if not self.heldout and self.dist.is_main:
-            self.console.print(f"[yellow]{NO_HELDOUT}[/]")
+            log.warning(NO_HELDOUT)
         self.identity_reward, self.prompt_reward = build_rewards(config)
         self.sampler = BatchSampler(len(self.train_set), config.train.prompts_per_iteration, config.seed)
         # DDP/FSDP wrapping comes before the optimiser: FSDP replaces the parameters by sharded ones.
@@ -130,18 +143,15 @@ class GRPOTrainer:
                 tensorboard=config.log.tensorboard,
                 wandb=config.log.wandb,
                 resume_step=self.step if resume else None,
-                console=self.console,
                 config=to_dict(config),
             )
             if self.dist.is_main
             else _NullLogger()
         )
-        self.advantages_path = self.output_dir / "advantages.jsonl"
-        if self.dist.is_main and config.log.advantages:
-            if resume:
-                truncate_advantages(self.advantages_path, self.step)
-            else:
-                self.advantages_path.unlink(missing_ok=True)
+        # Hooks run where the run's files are written: on the main process only.
+        self.callbacks = CallbackList(
+            [*self._builtin_callbacks(resume), *(callbacks or [])] if self.dist.is_main else []
+        )
 
     # ------------------------------------------------------------------------------------------ loop
     def train(self, max_steps: int | None = None) -> dict[str, Any]:
@@ -158,6 +168,7 @@ class GRPOTrainer:
             disable=not self.dist.is_main,
         )
         unlogged: dict[str, float] | None = None  # metrics of self.step not yet in metrics.jsonl
+        self.callbacks.on_train_start(self.step)
         try:
             if self.step == 0 and not self.history["eval"]:
                 self._evaluate()
@@ -170,7 +181,7 @@ class GRPOTrainer:
                 if self.step == end:
                     metrics.update({f"eval/{k}": v for k, v in self._evaluate().items()})
                 if cfg.log.every and self.step % cfg.log.every == 0 or self.step == end:
-                    self.logger.log(self.step, metrics, echo=True)
+                    self._log(metrics)
                 unlogged = None
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 or self.step == end:
                     self.save_checkpoint()
@@ -180,7 +191,7 @@ class GRPOTrainer:
             # state at its start (weights and optimiser are untouched until its update). Failed in an
             # evaluation after an iteration: log that iteration, checkpoint the current state.
             if unlogged is not None:
-                self.logger.log(self.step, unlogged, echo=True)
+                self._log(unlogged)
             path = self.save_checkpoint(self._iteration_start)
             raise RewardFailure(f"{failure}. Saved checkpoint {path}; resume with --resume.") from failure
         finally:
@@ -193,8 +204,13 @@ class GRPOTrainer:
         )
         if self.dist.is_main:
             atomic_write_json(self.output_dir / "summary.json", summary)
+        self.callbacks.on_train_end(summary)
         self.dist.barrier()
         return summary
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        self.logger.log(self.step, metrics, echo=True)
+        self.callbacks.on_log(self.step, metrics)
 
     def iteration(self) -> dict[str, float]:
         cfg = self.config
@@ -237,13 +253,11 @@ class GRPOTrainer:
         )
         images = self.policy.decode(trajectory.final.to(self.device))
         timings["time/rollout"] = time.perf_counter() - tic
-        every = cfg.log.sample_grid_every
-        if every and (self.step + 1) % every == 0 and self.dist.is_main:
-            self._save_rollout_grid(references.repeat_interleave(G, dim=0)[rows], images)
+        group_references = references.repeat_interleave(G, dim=0)[rows]
+        self.callbacks.on_rollout(self.step + 1, group_references, images)
 
         # 3. Both rewards, gathered over processes; a non-finite score masks that sample out of its group.
         tic = time.perf_counter()
-        group_references = references.repeat_interleave(G, dim=0)[rows]
         r_id, r_prompt = self._score(images, group_references, prompts, subjects)
         valid = torch.isfinite(r_id) & torch.isfinite(r_prompt)
         skipped = valid.view(-1, G).sum(dim=1) < 2  # no pair of valid samples: zero advantage, no signal
@@ -252,15 +266,7 @@ class GRPOTrainer:
         # 4. Each reward normalised inside its own group (Eq. 8).
         a_id = group_normalize(r_id, G, eps=cfg.advantage.eps, std=cfg.advantage.std, valid=valid)
         a_prompt = group_normalize(r_prompt, G, eps=cfg.advantage.eps, std=cfg.advantage.std, valid=valid)
-        if cfg.log.advantages and self.dist.is_main:  # for the conflict analysis (Fig. 7)
-            nan = float("nan")
-            log_advantages(
-                self.advantages_path,
-                self.step + 1,
-                a_id.masked_fill(~valid, nan),
-                a_prompt.masked_fill(~valid, nan),
-                G,
-            )
+        self.callbacks.on_advantages(self.step + 1, a_id, a_prompt, valid, G)
 
         # 5-6. TDW weights keyed by the real step, then SARS per (sample, step) -> [N, k].
         w_id, w_prompt = self._tdw(steps)
@@ -450,7 +456,7 @@ class GRPOTrainer:
         if math.isfinite(grad_norm):
             self.optimizer.step()
         else:  # a non-finite gradient would poison the weights and every later checkpoint
-            self.console.print("[yellow]non-finite gradient norm: optimiser step skipped[/]")
+            log.warning("non-finite gradient norm: optimiser step skipped")
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
@@ -489,26 +495,24 @@ class GRPOTrainer:
         )
         metrics = result.summary()
         self.history["eval"].append({"step": self.step, "metrics": metrics})
-        if self.dist.is_main:  # every process evaluates (FSDP needs them all); one writes
-            self._save_eval_images(result)
+        self.callbacks.on_evaluation(self.step, result)  # every process evaluates (FSDP needs them all)
         return metrics
 
-    def _save_eval_images(self, result: HeldoutResult) -> None:
-        directory = self.output_dir / "samples"
-        directory.mkdir(parents=True, exist_ok=True)
-        torch.save(result.images, directory / f"eval-step-{self.step:06d}.pt")
-        references = torch.stack([e.reference for e in self.heldout]).repeat_interleave(
-            self.config.eval.images_per_prompt, dim=0
-        )
-        save_png(grid([references, result.images]), directory / f"eval-step-{self.step:06d}.png")
-        self.logger_image(result)
-
-    def logger_image(self, result: HeldoutResult) -> None:
-        logger = getattr(self, "logger", None)
-        if logger is not None:
-            import numpy as np
-
-            logger.add_image("eval/samples", np.asarray(grid([result.images[:16]], scale=2)), self.step)
+    def _builtin_callbacks(self, resume: bool) -> list[Callback]:
+        """The run's images and logs besides ``metrics.jsonl``, as its config asks for them."""
+        cfg, samples = self.config, self.output_dir / "samples"
+        callbacks: list[Callback] = []
+        if cfg.log.sample_grid_every:
+            callbacks.append(RolloutGrids(samples, cfg.log.sample_grid_every, cfg.train.group_size))
+        if cfg.log.advantages:
+            path = self.output_dir / "advantages.jsonl"
+            callbacks.append(AdvantagesLog(path, resume_step=self.step if resume else None))
+        if self.heldout:
+            references = torch.stack([e.reference for e in self.heldout])
+            callbacks.append(EvalImages(samples, references, cfg.eval.images_per_prompt))
+        if cfg.log.tensorboard:
+            callbacks.append(TensorBoardImages(self.logger))
+        return callbacks
 
     def _resumable_state(self) -> dict[str, Any]:
         """Data position, RNG states, lr schedule and tracker state (small; snapshotted every iteration)."""
@@ -520,12 +524,6 @@ class GRPOTrainer:
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "history": copy.deepcopy(self.history),
         }
-
-    def _save_rollout_grid(self, references: torch.Tensor, images: torch.Tensor) -> None:
-        """Reference | the G rollout images of the first groups, one row per sample."""
-        rows = min(len(images), 2 * self.config.train.group_size)
-        path = self.output_dir / "samples" / f"rollout-step-{self.step + 1:06d}.png"
-        save_png(grid([references[:rows].cpu(), images[:rows].cpu()]), path)
 
     def save_checkpoint(self, resumable: dict[str, Any] | None = None) -> Path:
         """Checkpoint ``self.step`` atomically (rank 0 writes; every process must call it).
@@ -558,7 +556,8 @@ class GRPOTrainer:
     def _resume(self) -> None:
         path = latest_checkpoint(self.checkpoint_dir)
         if path is None:
-            self.console.print(f"[yellow]--resume: no checkpoint in {self.checkpoint_dir}; starting fresh[/]")
+            if self.dist.is_main:
+                log.warning("--resume: no checkpoint in %s; starting fresh", self.checkpoint_dir)
             return
         weights, state = read_checkpoint(path)
         self.dist.load_trainable(self.policy.transformer, weights, path)
@@ -571,7 +570,8 @@ class GRPOTrainer:
         set_rng_state(state["rng"])
         self.history = state["history"]
         self.step = int(state["step"])
-        self.console.print(f"resumed from {path} at step {self.step}")
+        if self.dist.is_main:
+            log.info("resumed from %s at step %d", path, self.step)
 
     def save_policy(self, directory: Path) -> None:
         """The trained adapter (or full weights) in the policy's own format, plus the eval history."""
@@ -591,9 +591,6 @@ class _NullLogger:
     def log(self, *args: Any, **kwargs: Any) -> None:
         pass
 
-    def add_image(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
     def close(self) -> None:
         pass
 
@@ -606,11 +603,17 @@ def _nanmean(values: torch.Tensor) -> float:
 CONFIG = GRPOConfig
 
 
-def run(config: GRPOConfig, resume: bool = False, max_steps: int | None = None) -> dict[str, Any]:
+def run(
+    config: GRPOConfig,
+    resume: bool = False,
+    max_steps: int | None = None,
+    callbacks: list[Callback] | None = None,
+) -> dict[str, Any]:
     """The GRPO recipe (:mod:`cgrpo.train.recipe`): Customized-GRPO, or a baseline/ablation by config.
 
-    Returns ``{"base": ..., "trained": ...}``; ``max_steps``: stop after this many more iterations."""
-    trainer = GRPOTrainer(config, resume=resume)
+    Returns ``{"base": ..., "trained": ...}``; ``max_steps``: stop after this many more iterations;
+    ``callbacks``: user :class:`~cgrpo.train.callbacks.Callback` s."""
+    trainer = GRPOTrainer(config, resume=resume, callbacks=callbacks)
     try:
         summary = trainer.train(max_steps=max_steps)
     finally:

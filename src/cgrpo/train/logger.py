@@ -1,15 +1,19 @@
-"""Run logging: one JSON object per step in ``metrics.jsonl``, TensorBoard scalars, a rich console line."""
+"""Run logging: one JSON object per step in ``metrics.jsonl``, TensorBoard scalars, a console line.
+
+The console line is an INFO record of this module's :mod:`logging` logger (the command line shows it).
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
 from cgrpo.io import truncate_jsonl
+
+log = logging.getLogger(__name__)
 
 
 class MetricsLogger:
@@ -21,7 +25,6 @@ class MetricsLogger:
         tensorboard: bool = True,
         wandb: bool = False,
         resume_step: int | None = None,
-        console: Console | None = None,
         config: dict[str, Any] | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
@@ -32,7 +35,6 @@ class MetricsLogger:
             truncate_jsonl(self.path, resume_step)
         elif self.path.exists():
             self.path.unlink()
-        self.console = console or Console(stderr=True)
         self._writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -45,7 +47,7 @@ class MetricsLogger:
             try:
                 import wandb as wandb_module
             except ImportError:
-                self.console.print("[yellow]log.wandb is true but wandb is not installed; skipping W&B[/]")
+                log.warning("log.wandb is true but wandb is not installed; skipping W&B")
             else:
                 self._wandb = wandb_module.init(dir=str(self.output_dir), config=config or {}, resume="allow")
 
@@ -60,7 +62,7 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log(record, step=step)
         if echo:
-            self.console.print(_console_line(record))
+            log.info(_console_line(record))
 
     def add_image(self, tag: str, image_hwc, step: int) -> None:
         if self._writer is not None:
@@ -94,11 +96,11 @@ _CONSOLE_KEYS = (
 
 
 def _console_line(record: dict[str, Any]) -> str:
-    parts = [f"[bold]step {record['step']:>4}[/]"]
+    parts = [f"step {record['step']:>4}"]
     for key in _CONSOLE_KEYS:
         value = record.get(key)
         if isinstance(value, float):
-            parts.append(f"{key} [cyan]{value:.4f}[/]")
+            parts.append(f"{key} {value:.4f}")
     return "  ".join(parts)
 
 

@@ -3,9 +3,10 @@
 A recipe is a module of :mod:`cgrpo.train` with
 
 - ``CONFIG``: its typed config dataclass (loaded from YAML with dotted overrides, ``validate()`` on load);
-- ``run(config, resume=False) -> dict``: train, write ``final/`` and (with held-out data) ``summary.json``,
+- ``run(config, resume=False, callbacks=None) -> dict``: train, write ``final/`` and (with held-out data) ``summary.json``,
   and return the summary ``{"base": ..., "trained": ...}`` (``{}`` when there is no held-out evaluation).
   ``resume=True`` continues from the newest checkpoint in ``output_dir`` and starts fresh when there is none.
+  ``callbacks``: user :class:`~cgrpo.train.callbacks.Callback` s, called after the recipe's built-in ones.
 
 The command line (``cgrpo train`` / ``sft`` / ``rpo``) and ``cgrpo reproduce`` run any recipe through
 :func:`get` and :func:`load_config` without knowing which one it is. Modules are imported on first use, so
@@ -31,7 +32,7 @@ RECIPES: dict[str, tuple[str, str]] = {
 class Recipe(Protocol):
     CONFIG: type
 
-    def run(self, config: Any, resume: bool = False) -> dict[str, Any]: ...
+    def run(self, config: Any, resume: bool = False, callbacks: list | None = None) -> dict[str, Any]: ...
 
 
 def get(kind: str) -> Recipe:

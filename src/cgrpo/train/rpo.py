@@ -45,6 +45,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -57,6 +58,7 @@ import torch.nn.functional as F
 
 from cgrpo.config import ConfigError, to_dict
 from cgrpo.sde import steps_to_mask
+from cgrpo.train.callbacks import Callback, CallbackList, EvalImages
 from cgrpo.train.config import (
     CheckpointConfig,
     DataConfig,
@@ -68,6 +70,8 @@ from cgrpo.train.config import (
     check_components,
 )
 from cgrpo.train.flow_matching import SigmaSampling, sample_sigmas
+
+log = logging.getLogger(__name__)
 
 # --- config ------------------------------------------------------------------------------------------
 
@@ -378,16 +382,16 @@ def _load_or_build_preferences(out: Path, key: str, build) -> tuple[PreferenceDa
 # --- the run -----------------------------------------------------------------------------------------
 
 
-def run_rpo(config: RPOConfig, console: Any | None = None, resume: bool = False) -> dict[str, Any]:
+def run_rpo(
+    config: RPOConfig, resume: bool = False, *, callbacks: list[Callback] | None = None
+) -> dict[str, Any]:
     """Generate preference pairs, train with DPO + similarity loss, evaluate; returns the summary
     ``{"base": {...}, "trained": {...}}`` of held-out rewards (also written to ``summary.json``).
 
     ``resume``: continue the training from the newest checkpoint in ``output_dir/checkpoints`` (if there is
-    one). The preference pairs (``pairs.pt``) are reused whenever their settings match, resumed or not."""
-    from rich.console import Console
-
+    one). The preference pairs (``pairs.pt``) are reused whenever their settings match, resumed or not.
+    ``callbacks``: user :class:`~cgrpo.train.callbacks.Callback` s, called after the built-in ones."""
     from cgrpo.config import save_config
-    from cgrpo.imaging import grid, save_png
     from cgrpo.io import atomic_write_json
     from cgrpo.train.checkpoint import (
         latest_checkpoint,
@@ -410,7 +414,6 @@ def run_rpo(config: RPOConfig, console: Any | None = None, resume: bool = False)
     from cgrpo.train.logger import MetricsLogger
     from cgrpo.train.sampling import schedule
 
-    console = console or Console(stderr=True)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     record_world_version(config.data)
@@ -439,14 +442,24 @@ def run_rpo(config: RPOConfig, console: Any | None = None, resume: bool = False)
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         history, start = state["history"], int(state["step"])
-        console.print(f"resumed from {checkpoint} at step {start}")
+        log.info("resumed from %s at step %d", checkpoint, start)
     logger = MetricsLogger(
         out,
         tensorboard=config.log.tensorboard,
         wandb=config.log.wandb,
         resume_step=start if checkpoint is not None else None,
-        console=console,
     )
+    builtin: list[Callback] = []
+    if heldout:
+        references = torch.stack([e.reference for e in heldout])
+        builtin.append(
+            EvalImages(out / "samples", references, config.eval.images_per_prompt, save_tensors=False)
+        )
+    hooks = CallbackList([*builtin, *(callbacks or [])])
+
+    def log_metrics(step: int, metrics: dict[str, float], echo: bool = True) -> None:
+        logger.log(step, metrics, echo=echo)
+        hooks.on_log(step, metrics)
 
     def evaluate(step: int) -> dict[str, float]:
         if not heldout:
@@ -464,17 +477,15 @@ def run_rpo(config: RPOConfig, console: Any | None = None, resume: bool = False)
         )
         metrics = result.summary()
         history.append({"step": step, "metrics": metrics})
-        references = torch.stack([e.reference for e in heldout]).repeat_interleave(
-            config.eval.images_per_prompt, dim=0
-        )
-        save_png(grid([references, result.images]), out / "samples" / f"eval-step-{step:06d}.png")
+        hooks.on_evaluation(step, result)
         return metrics
 
+    hooks.on_train_start(start)
     try:
         # 0. The base policy's held-out rewards (the adapter is zero-initialised: policy == base).
         if checkpoint is None:
             base_metrics = evaluate(0)
-            logger.log(0, {f"eval/{k}": v for k, v in base_metrics.items()}, echo=False)
+            log_metrics(0, {f"eval/{k}": v for k, v in base_metrics.items()}, echo=False)
         else:
             base_metrics = history[0]["metrics"] if history else {}
 
@@ -498,7 +509,7 @@ def run_rpo(config: RPOConfig, console: Any | None = None, resume: bool = False)
         )
         if checkpoint is None:
             stats = data.stats()
-            logger.log(0, {**stats, "time/pairs": time.perf_counter() - tic, "pairs/reused": float(reused)})
+            log_metrics(0, {**stats, "time/pairs": time.perf_counter() - tic, "pairs/reused": float(reused)})
         if len(data.examples) == 0:
             raise TrainingError(
                 "no preference pairs: every prompt's candidates scored the same (or NaN); "
@@ -520,7 +531,7 @@ def run_rpo(config: RPOConfig, console: Any | None = None, resume: bool = False)
             if config.eval.every and step % config.eval.every == 0 and step < t.steps:
                 metrics.update({f"eval/{k}": v for k, v in evaluate(step).items()})
             if config.log.every and step % config.log.every == 0 or step == t.steps:
-                logger.log(step, metrics, echo=step == t.steps or step % max(1, t.steps // 10) == 0)
+                log_metrics(step, metrics, echo=step == t.steps or step % max(1, t.steps // 10) == 0)
             if config.checkpoint.every and step % config.checkpoint.every == 0 and step < t.steps:
                 resumable = {
                     "optimizer": optimizer.state_dict(),
@@ -532,7 +543,7 @@ def run_rpo(config: RPOConfig, console: Any | None = None, resume: bool = False)
                     checkpoint_dir, step, policy.transformer, resumable, config.checkpoint.keep_last
                 )
         trained_metrics = evaluate(t.steps) if t.steps > 0 or not history else history[-1]["metrics"]
-        logger.log(t.steps, {f"eval/{k}": v for k, v in trained_metrics.items()}, echo=False)
+        log_metrics(t.steps, {f"eval/{k}": v for k, v in trained_metrics.items()}, echo=False)
     finally:
         logger.close()
 
@@ -544,6 +555,7 @@ def run_rpo(config: RPOConfig, console: Any | None = None, resume: bool = False)
     atomic_write_json(final / "eval_history.json", history)
     summary = base_trained_summary(base_metrics, trained_metrics)
     atomic_write_json(out / "summary.json", summary)
+    hooks.on_train_end(summary)
     return summary
 
 
@@ -609,6 +621,6 @@ def _train_step(
 CONFIG = RPOConfig
 
 
-def run(config: RPOConfig, resume: bool = False) -> dict[str, Any]:
+def run(config: RPOConfig, resume: bool = False, callbacks: list[Callback] | None = None) -> dict[str, Any]:
     """The RPO recipe (:mod:`cgrpo.train.recipe`): :func:`run_rpo`."""
-    return run_rpo(config, resume=resume)
+    return run_rpo(config, resume=resume, callbacks=callbacks)

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from cgrpo.data.base import Example
 from cgrpo.policy.base import Conditioning
 from cgrpo.policy.flux import ReferenceFluxPolicy
 from cgrpo.sde import flux_sigmas
+from cgrpo.train.callbacks import Callback, CallbackList, PreviewGrids
 from cgrpo.train.checkpoint import (
     latest_checkpoint,
     load_weights,
@@ -44,6 +46,8 @@ from cgrpo.train.flow_matching import SigmaSampling, sample_sigmas
 from cgrpo.train.logger import MetricsLogger
 from cgrpo.train.sampling import sample_images
 from cgrpo.train.schedule import lr_scheduler
+
+log = logging.getLogger(__name__)
 
 # --- config ------------------------------------------------------------------------------------------
 
@@ -352,6 +356,16 @@ def _param_groups(modules: Sequence[nn.Module], weight_decay: float) -> list[dic
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+@dataclass
+class SFTPreview:
+    """An SFT evaluation: fixed-seed metrics and ODE samples of the preview examples (``[E, 3, H, W]``)."""
+
+    metrics: dict[str, float]
+    references: torch.Tensor
+    images: torch.Tensor
+    targets: torch.Tensor
+
+
 @torch.no_grad()
 def evaluate(
     policy: ReferenceFluxPolicy,
@@ -360,8 +374,8 @@ def evaluate(
     seed: int,
     sample_steps: int,
     loss_fn: Any = None,
-) -> tuple[dict[str, float], list[torch.Tensor]]:
-    """Fixed-seed eval loss and ODE samples of held-out examples -> (metrics, [refs, samples, targets])."""
+) -> SFTPreview:
+    """Fixed-seed eval loss and ODE samples of held-out examples."""
     prompts = [e.prompt for e in examples]
     references = torch.stack([e.reference for e in examples])
     targets = torch.stack([e.target for e in examples])
@@ -378,7 +392,7 @@ def evaluate(
         "eval/loss": float(loss),
         "eval/sample_mse": float(torch.mean((images - targets.to(images.device)) ** 2)),
     }
-    return metrics, [references, images.cpu(), targets]
+    return SFTPreview(metrics, references, images.cpu(), targets)
 
 
 def _trained_weights(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
@@ -457,7 +471,7 @@ class _Heldout:
         self.policy.transformer.train(training)
         return result.summary()
 
-    def base(self, out: Path, logger: MetricsLogger, fresh: bool) -> None:
+    def base(self, out: Path, log_metrics: Callable[[int, dict[str, float]], None], fresh: bool) -> None:
         """Score the policy before training (a resumed run keeps the scores of its start)."""
         from cgrpo.io import atomic_write_json
 
@@ -468,17 +482,22 @@ class _Heldout:
             metrics = self.evaluate()
             atomic_write_json(path, metrics)
             if metrics:
-                logger.log(0, {f"eval/{k}": v for k, v in metrics.items()}, echo=False)
+                log_metrics(0, {f"eval/{k}": v for k, v in metrics.items()})
         self.base_metrics = json.loads(path.read_text())
 
-    def trained(self, out: Path, logger: MetricsLogger, step: int) -> None:
+    def trained(
+        self, out: Path, log_metrics: Callable[[int, dict[str, float]], None], step: int
+    ) -> dict[str, Any]:
+        """Score the trained policy and write ``summary.json``; returns the summary."""
         from cgrpo.io import atomic_write_json
         from cgrpo.train.heldout import base_trained_summary
 
         metrics = self.evaluate()
         if metrics:
-            logger.log(step, {f"eval/{k}": v for k, v in metrics.items()}, echo=False)
-        atomic_write_json(out / "summary.json", base_trained_summary(self.base_metrics, metrics))
+            log_metrics(step, {f"eval/{k}": v for k, v in metrics.items()})
+        summary = base_trained_summary(self.base_metrics, metrics)
+        atomic_write_json(out / "summary.json", summary)
+        return summary
 
 
 # --- the run -----------------------------------------------------------------------------------------
@@ -492,6 +511,7 @@ def run_sft(
     train_data: Sequence[Example] | None = None,
     eval_data: Sequence[Example] | None = None,
     heldout_data: Sequence[Example] | None = None,
+    callbacks: list[Callback] | None = None,
 ) -> Path:
     """Train, then return the directory of the final EMA weights (``output_dir/final``).
 
@@ -503,10 +523,10 @@ def run_sft(
     With ``heldout.enabled`` the base (before the first step) and the final EMA policy are scored with both
     rewards on ``heldout_data`` (default: ``data.dataset``'s held-out set, else the mini world's
     ``eval_set``) and ``summary.json`` gets ``{"base": ..., "trained": ...}`` as a GRPO run writes it.
+    ``callbacks``: user :class:`~cgrpo.train.callbacks.Callback` s (``on_evaluation`` gets an
+    :class:`SFTPreview`), called after the built-in preview grids.
     """
     from tqdm.auto import tqdm
-
-    from cgrpo.imaging import grid, save_png
 
     if config.num_threads > 0:
         torch.set_num_threads(config.num_threads)
@@ -567,6 +587,12 @@ def run_sft(
         start = int(state["step"])
 
     logger = MetricsLogger(out, resume_step=start if checkpoint is not None else None)
+    hooks = CallbackList([PreviewGrids(out / "samples"), *(callbacks or [])])
+
+    def log_metrics(step: int, metrics: dict[str, float]) -> None:
+        logger.log(step, metrics, echo=False)
+        hooks.on_log(step, metrics)
+
     n_tokens, channels = policy.latent_shape
     flow = config.flow
     window: list[float] = []
@@ -579,16 +605,17 @@ def run_sft(
             return
         policy.eval()
         with ema.swapped():
-            metrics, columns = evaluate(
+            preview = evaluate(
                 policy, eval_data, config.flow, config.seed + 1, config.sample_steps, loss_fn=loss_fn
             )
         train_mode()
-        save_png(grid(columns), out / "samples" / f"step_{step:06d}.png")
-        logger.log(step, metrics, echo=False)
-        tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        hooks.on_evaluation(step, preview)
+        log_metrics(step, preview.metrics)
+        log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in preview.metrics.items()))
 
+    hooks.on_train_start(start)
     if heldout is not None:
-        heldout.base(out, logger, fresh=start == 0)
+        heldout.base(out, log_metrics, fresh=start == 0)
 
     bar = tqdm(
         range(start, optim.steps),
@@ -619,7 +646,7 @@ def run_sft(
                 "train/grad_norm": float(grad_norm),
                 "train/steps_per_s": len(window) / max(now - tick, 1e-9),
             }
-            logger.log(done, metrics, echo=False)
+            log_metrics(done, metrics)
             bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
             window = []
         if config.eval_every and (done % config.eval_every == 0 or done == optim.steps):
@@ -639,8 +666,8 @@ def run_sft(
             tick = time.perf_counter()  # restart the clock after evals and saves: they are not training steps
 
         if config.max_minutes is not None and time.perf_counter() - started > 60.0 * config.max_minutes:
-            logger.log(done, {"train/stopped_early": 1.0}, echo=False)
-            tqdm.write(f"stopping at step {done}: max_minutes={config.max_minutes} reached")
+            log_metrics(done, {"train/stopped_early": 1.0})
+            log.info("stopping at step %d: max_minutes=%s reached", done, config.max_minutes)
             break
     bar.close()
     if config.eval_every and last_eval != done:
@@ -653,18 +680,18 @@ def run_sft(
             policy.save_lora(final)  # the adapter only, as GRPO and RPO runs save theirs
         else:
             policy.save_pretrained(final)  # atomic (temp dir + rename)
-        if heldout is not None:
-            heldout.trained(out, logger, done)  # summary.json last: it marks the run finished
+        summary = {} if heldout is None else heldout.trained(out, log_metrics, done)  # last: marks the end
     logger.close()
+    hooks.on_train_end(summary)
     return final
 
 
 CONFIG = SFTConfig
 
 
-def run(config: SFTConfig, resume: bool = False) -> dict[str, Any]:
+def run(config: SFTConfig, resume: bool = False, callbacks: list[Callback] | None = None) -> dict[str, Any]:
     """The SFT recipe (:mod:`cgrpo.train.recipe`): :func:`run_sft`, then the held-out summary (``{}`` without
     ``heldout.enabled``)."""
-    run_sft(config, resume)
+    run_sft(config, resume, callbacks=callbacks)
     summary = Path(config.output_dir) / "summary.json"
     return json.loads(summary.read_text()) if config.heldout.enabled else {}
