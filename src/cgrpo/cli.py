@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleRenderable, Group
+from rich.highlighter import ReprHighlighter
+from rich.logging import RichHandler
 from rich.table import Table
+from rich.text import Text
+from rich.theme import Theme
 
 from cgrpo import __version__
 
@@ -38,6 +44,55 @@ def main(
     ] = False,
 ) -> None:
     """Customized-GRPO command line."""
+    _show_library_notices()
+
+
+class _AboveProgressBars:
+    """stderr for rich, written through ``tqdm.write``: a notice never lands inside a progress bar's line."""
+
+    def write(self, text: str) -> int:
+        from tqdm.auto import tqdm
+
+        tqdm.write(text, file=sys.stderr, end="")
+        return len(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
+class _MetricsHighlighter(ReprHighlighter):
+    """rich's highlighting of numbers and paths, and the "step N" of a metrics line in bold."""
+
+    highlights = [r"^(?P<step>step +)\d+  ", *ReprHighlighter.highlights]
+
+
+class _Notices(RichHandler):
+    """cgrpo's log records as the trainers printed them: the message alone, warnings in yellow."""
+
+    def __init__(self) -> None:
+        console = Console(file=_AboveProgressBars(), theme=Theme({"repr.step": "bold"}))
+        super().__init__(console=console, highlighter=_MetricsHighlighter(), show_time=False, show_path=False)
+
+    def render_message(self, record: logging.LogRecord, message: str) -> ConsoleRenderable:
+        text = super().render_message(record, message)
+        if isinstance(text, Text) and record.levelno >= logging.WARNING:
+            text.stylize("yellow")
+        return text
+
+    def render(self, *, record, traceback, message_renderable) -> ConsoleRenderable:
+        # No time/level/path columns: RichHandler's table would pad every line to the terminal's width.
+        return message_renderable if traceback is None else Group(message_renderable, traceback)
+
+
+def _show_library_notices() -> None:
+    """The library's notices and metrics lines (``logging``, INFO and up) on stderr, once per process."""
+    library = logging.getLogger("cgrpo")
+    if not any(isinstance(handler, _Notices) for handler in library.handlers):
+        library.addHandler(_Notices())
+    library.setLevel(logging.INFO)
 
 
 def _quiet_library_progress_bars() -> None:

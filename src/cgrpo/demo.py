@@ -24,7 +24,7 @@ from cgrpo.plots import conflict_curve, reward_curves
 from cgrpo.train.config import GRPOConfig
 from cgrpo.train.grpo import GRPOTrainer
 from cgrpo.train.heldout import ci95
-from cgrpo.train.logger import read_metrics
+from cgrpo.train.logger import log_to_stderr, read_metrics
 
 DEMO_CONFIG = "mini/customized_grpo.yaml"
 
@@ -80,8 +80,9 @@ def _compare_config(compare: str | Path) -> Path:
 
 
 def _train_alone(config: str, overrides: list[str]) -> dict[str, Any]:
-    """The comparison run, in its own process with one thread."""
+    """The comparison run, in its own process with one thread; its notices and metrics lines on stderr."""
     torch.set_num_threads(1)
+    log_to_stderr()
     return GRPOTrainer(load_config(GRPOConfig, config, overrides)).train()
 
 

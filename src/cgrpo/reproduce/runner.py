@@ -27,6 +27,7 @@ from cgrpo.config import save_config
 from cgrpo.io import atomic_write_json
 from cgrpo.reproduce.plan import Plan, PlannedRun
 from cgrpo.train import recipe
+from cgrpo.train.logger import log_to_stderr
 
 
 def run_spec(kind: str, config: dict[str, Any]) -> dict[str, Any]:
@@ -158,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(threads)
+    log_to_stderr()  # the run's notices and metrics lines go to its log file
     spec = json.loads(Path(args[0]).read_text())
     run_spec(spec["kind"], spec["config"])
     return 0

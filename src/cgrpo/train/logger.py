@@ -107,3 +107,16 @@ def _console_line(record: dict[str, Any]) -> str:
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """All records of a ``metrics.jsonl`` file."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def log_to_stderr() -> None:
+    """Show cgrpo's notices and metrics lines (``logging`` records, INFO and up) as plain lines on stderr.
+
+    For worker processes (``cgrpo reproduce``'s runs, ``cgrpo demo --compare``) whose stderr is a log file or
+    the parent's terminal; the command line itself shows them with rich (:mod:`cgrpo.cli`)."""
+    library = logging.getLogger("cgrpo")
+    if not any(getattr(h, "cgrpo_stderr", False) for h in library.handlers):
+        handler = logging.StreamHandler()  # sys.stderr
+        handler.cgrpo_stderr = True  # type: ignore[attr-defined]  # one handler however often it is called
+        library.addHandler(handler)
+    library.setLevel(logging.INFO)

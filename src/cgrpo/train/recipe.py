@@ -3,8 +3,9 @@
 A recipe is a module of :mod:`cgrpo.train` with
 
 - ``CONFIG``: its typed config dataclass (loaded from YAML with dotted overrides, ``validate()`` on load);
-- ``run(config, resume=False, callbacks=None) -> dict``: train, write ``final/`` and (with held-out data) ``summary.json``,
-  and return the summary ``{"base": ..., "trained": ...}`` (``{}`` when there is no held-out evaluation).
+- ``run(config, resume=False, callbacks=None) -> dict``: train, write ``final/`` and (with held-out data)
+  ``summary.json``, and return the summary ``{"base": ..., "trained": ...}`` (``{}`` when there is no held-out
+  evaluation).
   ``resume=True`` continues from the newest checkpoint in ``output_dir`` and starts fresh when there is none.
   ``callbacks``: user :class:`~cgrpo.train.callbacks.Callback` s, called after the recipe's built-in ones.
 
