@@ -1,5 +1,7 @@
 """Advantages for Customized-GRPO: group normalisation (Eq. 8), SARS (Eq. 10-11) and TDW (Eq. 12).
 
+SARS is also generalised to images of several subjects (:func:`multi_sars`).
+
 Pure tensor functions, no state. Shapes: ``N`` samples (``B`` prompts x ``G`` images, each group of ``G``
 consecutive), ``T`` denoising steps. Equation numbers refer to the paper (arXiv 2510.18263).
 
@@ -10,6 +12,12 @@ Typical use in one GRPO iteration::
     steps = select_steps(T, "random", k=5, generator=g)   # [K] real step indices (cgrpo.sde)
     w_id, w_prompt = tdw_weights(steps, T)                # [K] each
     adv = sars(a_id, a_prompt, w_id[None], w_prompt[None], alpha=0.5)   # [N, K]
+
+With several subjects per image, one identity reward per subject (``S`` subjects here, as ``K`` is the
+trained steps above; the multi-subject functions call the subjects ``K``)::
+
+    a_ids = group_normalize_columns(r_ids, G)             # [N, S], each subject's column on its own
+    adv = multi_sars(a_ids, a_prompt, w_id[None], w_prompt[None], mode="pairwise")  # [N, K]
 """
 
 from __future__ import annotations
@@ -191,8 +199,7 @@ def synergy_term(a_id: Tensor, a_prompt: Tensor, synergy: str = "tanh") -> Tenso
       reports for it (Table 3); ``min`` penalises by the weaker objective, the conservative variant.
     - ``none`` / ``linear``: ``S = 0``, the plain weighted sum of Eq. 9.
     """
-    if synergy not in SYNERGIES:
-        raise ValueError(f"synergy must be one of {', '.join(SYNERGIES)}; got {synergy!r}")
+    _check_synergy(synergy)
     if a_id.shape != a_prompt.shape:
         raise ValueError(
             f"a_id and a_prompt must have the same shape, got {tuple(a_id.shape)} and {tuple(a_prompt.shape)}"
@@ -236,36 +243,63 @@ def sars(
     Note on scale: with TDW weights ``w_id + w_prompt = 1``, so the weighted sum is half of an
     unnormalised 1:1 sum; ``alpha`` is relative to that normalised scale (paper default 0.5).
     """
-    if synergy not in SYNERGIES:
-        raise ValueError(f"synergy must be one of {', '.join(SYNERGIES)}; got {synergy!r}")
-    try:
-        alpha = float(alpha)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}") from err
-    if not (math.isfinite(alpha) and alpha >= 0):
-        raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+    _check_synergy(synergy)
+    alpha = _check_alpha(alpha)
     if a_id.shape != a_prompt.shape:
         raise ValueError(
             f"a_id and a_prompt must have the same shape, got {tuple(a_id.shape)} and {tuple(a_prompt.shape)}"
         )
     a, b = a_id.float(), a_prompt.float()
-    wi = torch.as_tensor(w_id, dtype=torch.float32, device=a.device)
-    wp = torch.as_tensor(w_prompt, dtype=torch.float32, device=a.device)
-    if a.ndim == 1 and max(wi.ndim, wp.ndim) == 2:
+    wi, wp, per_sample = _weights_for(w_id, w_prompt, b)
+    if per_sample:
         a, b = a[:, None], b[:, None]
+    return _sars_shaped(a, b, wi, wp, alpha, synergy)
+
+
+def _check_synergy(synergy: str) -> None:
+    if synergy not in SYNERGIES:
+        raise ValueError(f"synergy must be one of {', '.join(SYNERGIES)}; got {synergy!r}")
+
+
+def _check_alpha(alpha: float) -> float:
     try:
-        torch.broadcast_shapes(a.shape, wi.shape, wp.shape)
+        value = float(alpha)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}") from err
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+    return value
+
+
+def _weights_for(w_id: float | Tensor, w_prompt: float | Tensor, adv: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """The weights as float32 tensors, and whether ``[N]`` advantages must become per-sample ``[N, 1]``
+    (they do when a weight is 2-D). Raises when the weights do not broadcast against the advantages."""
+    wi = torch.as_tensor(w_id, dtype=torch.float32, device=adv.device)
+    wp = torch.as_tensor(w_prompt, dtype=torch.float32, device=adv.device)
+    per_sample = adv.ndim == 1 and max(wi.ndim, wp.ndim) == 2
+    shape = (*adv.shape, 1) if per_sample else adv.shape
+    try:
+        torch.broadcast_shapes(shape, wi.shape, wp.shape)
     except RuntimeError as err:
         raise ValueError(
             f"weights of shapes {tuple(wi.shape)} and {tuple(wp.shape)} do not broadcast against advantages "
-            f"of shape {tuple(a.shape)}"
+            f"of shape {tuple(shape)}"
         ) from err
+    return wi, wp, per_sample
+
+
+def _sars_shaped(a: Tensor, b: Tensor, wi: Tensor, wp: Tensor, alpha: float, synergy: str) -> Tensor:
+    """Eq. 11 on checked float32 tensors: the weighted sum plus the polarity-signed synergy term."""
     linear = wi * a + wp * b
     if synergy in ("none", "linear"):
         return linear
+    return linear + _polarity_shaping(a, b, alpha, synergy)
+
+
+def _polarity_shaping(a: Tensor, b: Tensor, alpha: float, synergy: str) -> Tensor:
+    """Eq. 11's shaping of one pair of objectives: ``+alpha*S`` if either is positive, else ``-alpha*S``."""
     s = synergy_term(a, b, synergy)
-    shaped = torch.where(_either_positive(a, b), alpha * s, -alpha * s)
-    return linear + shaped
+    return torch.where(_either_positive(a, b), alpha * s, -alpha * s)
 
 
 def conflict_mask(a_id: Tensor, a_prompt: Tensor) -> Tensor:
@@ -287,6 +321,186 @@ def conflict_rate(a_id: Tensor, a_prompt: Tensor) -> float:
     if mask.numel() == 0:
         raise ValueError("conflict_rate of an empty set of advantages is undefined")
     return float(mask.float().mean())
+
+
+# --------------------------------------------------------------------------------------------------------
+# Multi-subject SARS: K identity objectives (one per subject) and one prompt objective
+# --------------------------------------------------------------------------------------------------------
+
+
+def group_normalize_columns(
+    rewards: Tensor,
+    group_size: int,
+    eps: float = 1e-6,
+    std: str = "group",
+    valid: Tensor | None = None,
+) -> Tensor:
+    """Eq. 8 on each column of ``[N, K]`` rewards on its own (one column per subject's identity reward).
+
+    Every column is normalised by :func:`group_normalize` with the same arguments, so each subject's
+    advantage has zero mean and unit std in its group whatever the scale of the other subjects' rewards;
+    ``std="global"`` uses each column's own batch std.
+
+    Args:
+        rewards: ``[N, K]``, ``K >= 1``; rows form consecutive groups of ``group_size``.
+        valid: optional bool mask, ``[N]`` (a sample left out of every column) or ``[N, K]`` (per column).
+
+    Returns:
+        ``[N, K]`` float32 advantages.
+
+    Raises:
+        ValueError: on shapes, ``std``, ``eps`` or ``valid`` as :func:`group_normalize` does; a non-finite
+            reward that is not masked out is reported with its column.
+    """
+    if rewards.ndim != 2 or rewards.shape[1] < 1:
+        raise ValueError(
+            f"rewards must be a 2-D tensor [N, K] with K >= 1 columns, got shape {tuple(rewards.shape)}"
+        )
+    if std not in ("group", "global"):
+        raise ValueError(f"std must be 'group' or 'global', got {std!r}")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    if not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+    n, k = rewards.shape
+    if n % group_size != 0:
+        raise ValueError(f"the number of rewards ({n}) is not a multiple of group_size ({group_size})")
+    if valid is not None:
+        if valid.dtype != torch.bool:
+            raise ValueError(f"valid must be a bool tensor, got dtype {valid.dtype}")
+        if valid.shape == (n,):
+            valid = valid[:, None].expand(n, k)
+        elif valid.shape != rewards.shape:
+            raise ValueError(
+                f"valid must have shape [N] = ({n},) or [N, K] = {(n, k)}, got {tuple(valid.shape)}"
+            )
+    columns = []
+    for col in range(k):
+        try:
+            columns.append(
+                group_normalize(
+                    rewards[:, col], group_size, eps, std, None if valid is None else valid[:, col]
+                )
+            )
+        except ValueError as err:  # only the finiteness check is left to fail here: name the column
+            raise ValueError(f"rewards column {col} (of {k}): {err}") from err
+    return torch.stack(columns, dim=1)
+
+
+def _objectives(a_ids: Tensor, a_prompt: Tensor) -> Tensor:
+    """Check ``a_ids [..., K]`` against ``a_prompt [...]``; return all ``K + 1`` objectives ``[..., K + 1]``
+    (subjects first, prompt last) in float32."""
+    if a_ids.ndim < 2 or a_ids.shape[-1] < 1:
+        raise ValueError(
+            f"a_ids must be [N, K] (or [N, T, K]) with the K >= 1 subjects on the last axis, "
+            f"got shape {tuple(a_ids.shape)}"
+        )
+    if a_prompt.shape != a_ids.shape[:-1]:
+        raise ValueError(
+            f"a_prompt must have the shape of a_ids without its subject axis, {tuple(a_ids.shape[:-1])}, "
+            f"got {tuple(a_prompt.shape)}"
+        )
+    return torch.cat([a_ids.float(), a_prompt.float()[..., None]], dim=-1)
+
+
+MULTI_SARS_MODES = ("mean", "weakest", "pairwise")
+
+
+def multi_sars(
+    a_ids: Tensor,
+    a_prompt: Tensor,
+    w_id: float | Tensor,
+    w_prompt: float | Tensor,
+    alpha: float = 0.5,
+    synergy: str = "tanh",
+    mode: str = "mean",
+) -> Tensor:
+    """SARS (Eq. 10-11) for images of ``K >= 1`` subjects: one identity advantage per subject, one prompt
+    advantage. With ``K = 1`` every mode is exactly :func:`sars`.
+
+    Modes (``MULTI_SARS_MODES``):
+
+    - ``"mean"``: aggregate the identity advantages first, ``a = mean_k a_id_k``, then
+      ``sars(a, a_prompt, ...)``. Linear part ``w_id * mean_k a_id_k = sum_k (w_id / K) * a_id_k``: TDW's
+      identity weight split evenly over the subjects.
+    - ``"weakest"``: ``a = min_k a_id_k``, then ``sars(a, a_prompt, ...)``. The linear part is the
+      aggregate's too, ``w_id * min_k a_id_k``, not the split sum: the point of this mode is that a sample
+      is only as good as its worst-kept subject, and a split sum would still pay for improving a subject
+      that is already fine while another one is missing.
+    - ``"pairwise"``: the split linear part of ``"mean"`` plus Eq. 11's shaping over every pair ``(i, j)``
+      of the ``K + 1`` objectives (subject-subject and subject-prompt), each with the paper's polarity rule,
+      ``+alpha * S_ij`` if either of the pair is positive else ``-alpha * S_ij`` with
+      ``S_ij = synergy_term(o_i, o_j, synergy)``, *averaged* over the ``K (K + 1) / 2`` pairs so the
+      shaping stays within ``alpha`` (for ``tanh``) whatever ``K``. With ``K = 1`` there is one pair,
+      ``(a_id, a_prompt)``, and this is Eq. 11.
+
+    ``synergy="none"`` (alias ``"linear"``) drops the shaping: the naive weighted sum of Eq. 9 on the
+    mode's linear part (the same for ``"mean"`` and ``"pairwise"``).
+
+    Shapes: subjects are the *last* axis of ``a_ids`` and ``a_prompt`` is ``a_ids`` without it —
+    ``a_ids [N, K]`` with ``a_prompt [N]``, or ``[N, T, K]`` with ``[N, T]``. The weights apply to the
+    advantages' shape (``a_prompt.shape``) by exactly the rule of :func:`sars`: floats, or tensors that
+    broadcast by torch rules; ``[N]`` advantages given with 2-D weights are per-sample ``[N, 1]``. So
+    per-step TDW is ``a_ids [N, K]``, ``a_prompt [N]``, weights ``[1, T]`` -> ``[N, T]``. A 1-D ``[T]``
+    weight is *not* read as per-step (against ``[N]`` advantages it is per-sample, as in :func:`sars`,
+    which keeps ``K = 1`` identical to :func:`sars` even when ``N == T``); pass ``w[None]``.
+    Returns float32 of the broadcast shape; the aggregates are taken in float32 (bf16 inputs are upcast).
+
+    Raises:
+        ValueError: on an unknown ``mode`` or ``synergy``, ``alpha`` not finite and >= 0, ``a_ids`` without a
+            subject axis, ``a_prompt`` not shaped like ``a_ids[..., 0]``, or weights that do not broadcast.
+    """
+    if mode not in MULTI_SARS_MODES:
+        raise ValueError(f"mode must be one of {', '.join(MULTI_SARS_MODES)}; got {mode!r}")
+    _check_synergy(synergy)
+    alpha = _check_alpha(alpha)
+    objectives = _objectives(a_ids, a_prompt)
+    wi, wp, per_sample = _weights_for(w_id, w_prompt, objectives[..., -1])
+    if per_sample:
+        objectives = objectives[:, None]
+    ids, b = objectives[..., :-1], objectives[..., -1]
+    if mode == "weakest":
+        return _sars_shaped(ids.amin(dim=-1), b, wi, wp, alpha, synergy)
+    mean_id = ids.mean(dim=-1)
+    if mode == "mean":
+        return _sars_shaped(mean_id, b, wi, wp, alpha, synergy)
+    linear = wi * mean_id + wp * b
+    if synergy in ("none", "linear"):
+        return linear
+    num = objectives.shape[-1]
+    first, second = torch.triu_indices(num, num, offset=1, device=objectives.device)
+    pairs = _polarity_shaping(objectives[..., first], objectives[..., second], alpha, synergy)  # [..., P]
+    return linear + pairs.mean(dim=-1)
+
+
+def multi_conflict_mask(a_ids: Tensor, a_prompt: Tensor) -> Tensor:
+    """Bool mask of samples where some pair of the ``K + 1`` objectives has strictly opposite signs, i.e.
+    one advantage is > 0 and another < 0 (zero is no conflict). ``a_ids [N, K]``, ``a_prompt [N]`` ->
+    ``[N]``; with ``K = 1`` this is :func:`conflict_mask`."""
+    objectives = _objectives(a_ids, a_prompt)
+    return (objectives > 0).any(dim=-1) & (objectives < 0).any(dim=-1)
+
+
+def multi_conflict_rate(a_ids: Tensor, a_prompt: Tensor) -> float:
+    """Share of samples in conflict by :func:`multi_conflict_mask` (Fig. 7's statistic for K subjects)."""
+    mask = multi_conflict_mask(a_ids, a_prompt)
+    if mask.numel() == 0:
+        raise ValueError("multi_conflict_rate of an empty set of advantages is undefined")
+    return float(mask.float().mean())
+
+
+def pairwise_conflict_rates(a_ids: Tensor, a_prompt: Tensor) -> Tensor:
+    """Conflict rate of every pair of objectives: ``[K + 1, K + 1]`` float32, symmetric, zero diagonal;
+    index ``k < K`` is subject ``k``, index ``K`` the prompt. Entry ``(i, j)`` is the share of samples whose
+    advantages ``i`` and ``j`` have strictly opposite signs (``(k, K)`` is :func:`conflict_rate` of subject
+    ``k`` against the prompt); it shows which subject competes with which objective."""
+    objectives = _objectives(a_ids, a_prompt)
+    flat = objectives.reshape(-1, objectives.shape[-1])
+    if flat.shape[0] == 0:
+        raise ValueError("pairwise_conflict_rates of an empty set of advantages is undefined")
+    pos, neg = flat > 0, flat < 0
+    opposite = (pos[:, :, None] & neg[:, None, :]) | (neg[:, :, None] & pos[:, None, :])
+    return opposite.float().mean(dim=0)
 
 
 # --------------------------------------------------------------------------------------------------------
