@@ -169,8 +169,12 @@ class LatentCodec(nn.Module):
     def channels(self) -> int:
         return self._channels
 
+    @property
+    def token_size(self) -> int:
+        return self.patch_size * self.vae_scale_factor
+
     def grid(self, height: int, width: int) -> tuple[int, int]:
-        return height // 16, width // 16
+        return height // self.token_size, width // self.token_size
 
 
 def random_transformer(config: dict[str, Any], dtype: torch.dtype, device: str, seed: int):

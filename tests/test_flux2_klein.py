@@ -123,3 +123,19 @@ def test_defaults_and_persistence(tiny, policy, tmp_path):
         a = policy.velocity(latents, torch.tensor([0.4]), policy.condition(PROMPTS[:1], references))
         b = loaded.velocity(latents, torch.tensor([0.4]), loaded.condition(PROMPTS[:1], references))
     assert torch.equal(a, b)
+
+
+def test_guidance_override_sets_the_cfg_scale(policy):
+    """Klein guides by classifier-free guidance: `cgrpo sample --guidance` sets ``cfg_scale`` for the block
+    only, and sampling with it differs from the default scale."""
+    from diffusers import Flux2KleinPipeline
+
+    assert policy.pipeline_class is Flux2KleinPipeline  # `cgrpo export` writes Klein's LoRA format
+    before = (policy.cfg_scale, policy.guidance)
+    with policy.override_guidance(1.5):
+        assert (policy.cfg_scale, policy.guidance) == (1.5, before[1])
+    assert (policy.cfg_scale, policy.guidance) == before
+    refs = _images(1, 4)
+    default = _tensor(sample(policy, [refs], PROMPTS[:1], num_steps=2, seed=3)[0])
+    weaker = _tensor(sample(policy, [refs], PROMPTS[:1], num_steps=2, seed=3, guidance=1.5)[0])
+    assert (default - weaker).abs().max() > 1 / 255 and policy.cfg_scale == before[0]

@@ -101,7 +101,7 @@ def test_exported_adapter_loads_into_the_pipeline(kind, tmp_path):
     merged = type(policy.transformer).from_pretrained(merged_dir)
     diff = (_transformer_call(policy, merged, latents, sigma, cond) - ours).abs().max().item()
     assert diff < 1e-5, diff
-    assert not getattr(policy, "has_lora", False)
+    assert not policy.has_lora
 
 
 def test_export_command_on_a_run_folder(tmp_path):

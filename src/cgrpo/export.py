@@ -23,6 +23,7 @@ import torch
 import typer
 
 from cgrpo.policy.adapter import resolve_adapter
+from cgrpo.policy.base import Policy
 
 
 def _latest_checkpoint(path: Path) -> Path | None:
@@ -89,32 +90,28 @@ def load_trained_policy(
     return built.eval()
 
 
-def export_adapter(policy, directory: str | Path) -> Path:
-    """Write the policy's LoRA as ``directory/pytorch_lora_weights.safetensors`` in diffusers' format."""
-    if not getattr(policy, "has_lora", False):
+def export_adapter(policy: Policy, directory: str | Path) -> Path:
+    """Write the policy's LoRA as ``directory/pytorch_lora_weights.safetensors`` in the format of its
+    diffusers pipeline (:attr:`Policy.pipeline_class`)."""
+    if not policy.has_lora:
         raise ValueError("the policy has no LoRA adapter to export")
-    pipeline_class = getattr(policy, "pipeline_class", None)
-    if pipeline_class is None:
-        from diffusers import FluxPipeline
-
-        pipeline_class = FluxPipeline
     state = {key: value.detach().cpu().contiguous() for key, value in policy.lora_state_dict().items()}
     metadata = policy.transformer.peft_config["default"].to_dict()
     metadata = {k: sorted(v) if isinstance(v, set) else v for k, v in metadata.items()}
-    pipeline_class.save_lora_weights(
+    policy.pipeline_class.save_lora_weights(
         directory, transformer_lora_layers=state, transformer_lora_adapter_metadata=metadata
     )
     return Path(directory) / "pytorch_lora_weights.safetensors"
 
 
-def export_merged(policy, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
+def export_merged(policy: Policy, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Merge the LoRA into the transformer's weights and ``save_pretrained`` it to ``directory/transformer``
     (a plain diffusers transformer folder that replaces ``transformer/`` of the base checkpoint). The policy's
     transformer is modified in place (the adapter is removed)."""
     from cgrpo.policy.flux import atomic_directory
 
     transformer = policy.transformer
-    if getattr(policy, "has_lora", False):
+    if policy.has_lora:
         transformer.fuse_lora(lora_scale=1.0)
         transformer.unload_lora()
     if dtype is not None:

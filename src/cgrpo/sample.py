@@ -53,22 +53,6 @@ def _reference_stack(references: References, size: tuple[int, int]) -> torch.Ten
     return torch.stack([_as_tensor(r, size) for r in references])
 
 
-@contextlib.contextmanager
-def override_guidance(policy: Policy, guidance: float | None) -> Iterator[None]:
-    """Temporarily set the policy's guidance: ``cfg_scale`` for CFG backbones (FLUX.2 [klein]), else the
-    distilled guidance embedding's scale (FLUX.1-dev / UNO / Kontext)."""
-    if guidance is None:
-        yield
-        return
-    name = "cfg_scale" if hasattr(policy, "cfg_scale") else "guidance"
-    old = getattr(policy, name)
-    setattr(policy, name, float(guidance))
-    try:
-        yield
-    finally:
-        setattr(policy, name, old)
-
-
 @torch.no_grad()
 def sample(
     policy: Policy,
@@ -102,7 +86,8 @@ def sample(
     policy.eval()
     images: list[Image.Image] = []
     try:
-        with override_guidance(policy, guidance):
+        # The policy's own guidance unless one is given (:meth:`Policy.override_guidance`).
+        with contextlib.nullcontext() if guidance is None else policy.override_guidance(guidance):
             for chunk in _chunks(stacks, batch_size):
                 refs = None if stacks[chunk[0]] is None else torch.stack([stacks[i] for i in chunk])
                 cond = policy.condition([prompts[i] for i in chunk], refs)

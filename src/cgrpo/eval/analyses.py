@@ -85,7 +85,7 @@ def stepwise_advantages(
     """
     from cgrpo.advantage import group_normalize
 
-    device = next(policy.parameters()).device
+    device = policy.device
     num_steps = trajectory.latents.shape[1] - 1
     out = []
     for t in steps if steps is not None else range(num_steps):
@@ -347,7 +347,7 @@ def frequency_analysis(
     from cgrpo.train.sampling import seeded_noise
 
     out = Path(out)
-    device = next(policy.parameters()).device
+    device = policy.device
     all_spectra: list[list[torch.Tensor]] = []
     shown: list[list[torch.Tensor]] = []
     for start in range(0, len(prompts), batch_size):

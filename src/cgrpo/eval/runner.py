@@ -48,6 +48,7 @@ from cgrpo.eval import metrics as metric_info
 from cgrpo.eval.stats import DEFAULT_RESAMPLES, bootstrap_mean
 from cgrpo.imaging import grid, save_png
 from cgrpo.io import atomic_write_json, atomic_write_text
+from cgrpo.policy.base import Policy
 from cgrpo.train.sampling import item_seed, seeded_images
 
 # No column but the metrics holds numbers other than the seed: the human-evaluation app keeps every other
@@ -187,33 +188,27 @@ def _to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(array)
 
 
-def _policy_device(policy: torch.nn.Module) -> torch.device:
-    try:
-        return next(policy.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
 @torch.no_grad()
 def generate_images(
-    policy, prompts: Sequence[str], references: torch.Tensor, seeds: Sequence[int], sigmas: torch.Tensor
+    policy: Policy,
+    prompts: Sequence[str],
+    references: torch.Tensor,
+    seeds: Sequence[int],
+    sigmas: torch.Tensor,
 ) -> torch.Tensor:
     """ODE samples ``[B, 3, H, W]`` in [0, 1] for B (prompt, reference ``[B, 3, h, w]``, seed) triples.
 
     Each sample's initial noise comes from its own seed, so the result does not depend on the batch; the
     trainer's held-out evaluation samples the same way (:func:`cgrpo.train.sampling.seeded_images`).
     """
-    cond = policy.condition(list(prompts), references.to(_policy_device(policy)))
+    cond = policy.condition(list(prompts), references.to(policy.device))
     return seeded_images(policy, cond, seeds, sigmas).float().cpu()
 
 
-def policy_image_size(policy) -> int | None:
-    size = getattr(policy, "image_size", None)
-    if isinstance(size, int):
-        return size
-    if isinstance(size, Sequence) and len(size) == 2 and size[0] == size[1]:
-        return int(size[0])
-    return None
+def policy_image_size(policy: Policy) -> int | None:
+    """The side of the policy's square images, None when they are not square."""
+    height, width = policy.image_size
+    return int(height) if height == width else None
 
 
 def resolve_lora(path: str | Path) -> Path:

@@ -1,9 +1,11 @@
-"""The Policy protocol shared by the mini world and the real backbones, and the policy registry.
+"""The policy contract (:class:`Policy`, an abstract base class) shared by the mini world and the real
+backbones, and the policy registry.
 
 A policy is a reference-conditioned flow-matching generator in *token space*: latents are packed tokens
 ``[B, N, C]`` (N image tokens of C channels) with position ids ``[N, 3]``, as diffusers' FLUX models use.
-The trainer only talks to this interface, so the mini policy (pixels in 4x4 patches, tiny transformer) and
-UNO on FLUX.1-dev (VAE latents in 2x2 patches, full transformer) run through exactly the same loop.
+Trainers, samplers, evaluation and export only talk to this interface, so the mini policy (pixels in 4x4
+patches, tiny transformer) and UNO on FLUX.1-dev (VAE latents in 2x2 patches, full transformer) run through
+exactly the same loop.
 
 Sigma convention: ``sigma`` in [0, 1], 1 = pure noise, 0 = clean; ``x_sigma = (1 - sigma) x0 + sigma noise``
 and the model predicts the velocity ``noise - x0`` (rectified flow, Eq. 3-4 of the paper).
@@ -12,6 +14,7 @@ and the model predicts the velocity ``noise - x0`` (rectified flow, Eq. 3-4 of t
 from __future__ import annotations
 
 import contextlib
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -21,6 +24,7 @@ import torch
 from torch import nn
 
 from cgrpo.registry import Registry
+from cgrpo.sde import flux_sigmas
 
 
 @dataclass
@@ -77,23 +81,28 @@ class Conditioning:
         return replace(first, **changes)
 
 
-class Policy(nn.Module):
-    """Interface of a reference-conditioned flow policy. Subclasses implement the abstract methods.
+class Policy(nn.Module, ABC):
+    """The contract of a reference-conditioned flow policy: the trainers, samplers, evaluation and export call
+    only these members, directly. Subclasses implement every ``@abstractmethod`` (Python refuses to build one
+    that does not, naming the missing members); the concrete members are defaults that are right for every
+    policy and may be overridden (:meth:`sigmas` for a backbone's own schedule, :meth:`guidance_tensor` for
+    guidance-distilled models).
 
     ``transformer`` is the module whose (LoRA) parameters are trained; text encoders and the image codec
     are frozen.
     """
 
     transformer: nn.Module
+    default_num_steps: int = 28  # sampling steps when a caller asks for the policy's default (None)
 
     # --- conditioning -------------------------------------------------------------------------------
+    @abstractmethod
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Prompts -> (``prompt_embeds [B, L, D]``, ``pooled [B, P]``, ``text_ids [L, 3]``), no grad."""
-        raise NotImplementedError
 
+    @abstractmethod
     def encode_references(self, references: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference images ``[B, 3, H, W]`` in [0, 1] -> (``tokens [B, R, C]``, ``ids [R, 3]``), no grad."""
-        raise NotImplementedError
 
     def condition(self, prompts: Sequence[str], references: torch.Tensor) -> Conditioning:
         """One :class:`Conditioning` for B (prompt, reference) pairs."""
@@ -102,71 +111,113 @@ class Policy(nn.Module):
         return Conditioning(prompt_embeds, pooled, text_ids, tokens, ids, self.guidance_tensor(len(prompts)))
 
     def guidance_tensor(self, batch_size: int) -> torch.Tensor | None:
+        """``[B]`` scale of a guidance-embedding transformer (FLUX.1-dev); default None: no such embedding."""
         return None
 
-    # --- latents --------------------------------------------------------------------------------------
+    @abstractmethod
+    def override_guidance(self, scale: float) -> contextlib.AbstractContextManager[None]:
+        """A context manager inside which the policy samples with guidance ``scale``: the distilled guidance
+        embedding's scale (FLUX.1-dev, UNO, Kontext) or the classifier-free guidance scale (FLUX.2 klein)."""
+
+    # --- latents and images ---------------------------------------------------------------------------
     @property
+    @abstractmethod
+    def image_size(self) -> tuple[int, int]:
+        """``(height, width)`` in pixels of a generated image."""
+
+    @property
+    @abstractmethod
     def latent_shape(self) -> tuple[int, int]:
         """(N tokens, C channels) of one image's packed latents."""
-        raise NotImplementedError
 
+    @abstractmethod
     def image_ids(self) -> torch.Tensor:
         """``[N, 3]`` position ids of the generated image's tokens."""
-        raise NotImplementedError
 
     def initial_noise(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``[B, N, C]`` standard normal latents (float32, on CPU when the generator is a CPU one)."""
         n, c = self.latent_shape
         return torch.randn(batch_size, n, c, generator=generator, dtype=torch.float32)
 
+    @abstractmethod
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images ``[B, 3, H, W]`` in [0, 1] -> clean latents ``[B, N, C]`` (flow-matching targets)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Clean latents ``[B, N, C]`` -> images ``[B, 3, H, W]`` in [0, 1]."""
-        raise NotImplementedError
+
+    def sigmas(self, num_steps: int | None = None) -> torch.Tensor:
+        """``[T + 1]`` sampling sigmas from 1 to 0; ``num_steps`` None: :attr:`default_num_steps`.
+
+        Default: FLUX's resolution-dependent shift at this policy's token count. Backbones sampled with
+        another schedule (UNO, FLUX.2 [klein]) override it."""
+        return flux_sigmas(num_steps or self.default_num_steps, image_seq_len=self.latent_shape[0])
 
     # --- the model ------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        """Where the transformer runs (text encoders may be offloaded elsewhere)."""
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The transformer's compute dtype (LoRA adapters stay float32 on a bf16 base)."""
+        return next(self.transformer.parameters()).dtype
+
+    @abstractmethod
     def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """Predicted velocity ``[B, N, C]`` for latents ``[B, N, C]`` at noise level ``sigma [B]``."""
-        raise NotImplementedError
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.transformer.parameters() if p.requires_grad)
 
+    @abstractmethod
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute the transformer's activations in the backward pass (memory for time)."""
+
+    # --- LoRA -----------------------------------------------------------------------------------------
+    @abstractmethod
     def add_lora(
         self, rank: int, alpha: float, dropout: float = 0.0, target_modules: Sequence[str] | None = None
-    ):
+    ) -> None:
         """Freeze the transformer and inject LoRA adapters through peft."""
-        raise NotImplementedError
 
     @property
+    @abstractmethod
     def has_lora(self) -> bool:
-        return False
+        """Whether :meth:`add_lora` or :meth:`load_lora` injected the trained adapter."""
 
+    @abstractmethod
     def disable_lora(self) -> contextlib.AbstractContextManager[None]:
         """A context manager inside which the policy runs as its frozen base (adapters off)."""
-        raise NotImplementedError
 
+    @abstractmethod
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter's weights in peft's naming (what :meth:`save_lora` writes and export converts)."""
+
+    @abstractmethod
     def save_lora(self, directory: str | Path) -> None:
         """Write only the LoRA adapter (peft format, safetensors)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def load_lora(self, directory: str | Path) -> None:
         """Load an adapter written by :meth:`save_lora` into this policy."""
-        raise NotImplementedError
 
-    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
-        raise NotImplementedError
+    @property
+    @abstractmethod
+    def pipeline_class(self) -> type:
+        """The diffusers pipeline class whose ``save_lora_weights`` format ``cgrpo export`` writes."""
 
     # --- persistence ----------------------------------------------------------------------------------
+    @abstractmethod
     def save_pretrained(self, directory: str | Path) -> None:
-        raise NotImplementedError
+        """Write the whole policy (one diffusers/transformers subfolder per component), atomically."""
 
     @classmethod
+    @abstractmethod
     def from_pretrained(cls, directory: str | Path, **options) -> Policy:
-        raise NotImplementedError
+        """Load a directory written by :meth:`save_pretrained`."""
 
 
 POLICIES: Registry[Policy] = Registry("policy")

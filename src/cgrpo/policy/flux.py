@@ -118,6 +118,11 @@ class PixelCodec(nn.Module):
     def channels(self) -> int:
         return 3 * self.patch_size**2
 
+    @property
+    def token_size(self) -> int:
+        """Pixels per packed token side."""
+        return self.patch_size
+
     def grid(self, height: int, width: int) -> tuple[int, int]:
         """Packed grid ``(rows, cols)`` of an image of ``height x width`` pixels."""
         return height // self.patch_size, width // self.patch_size
@@ -146,9 +151,13 @@ class VaeCodec(nn.Module):
     def channels(self) -> int:
         return self.vae.config.latent_channels * self.patch_size**2
 
+    @property
+    def token_size(self) -> int:
+        """Pixels per packed token side (16 for FLUX: VAE /8, then 2x2 patches)."""
+        return self.vae_scale_factor * self.patch_size
+
     def grid(self, height: int, width: int) -> tuple[int, int]:
-        factor = self.vae_scale_factor * self.patch_size
-        return height // factor, width // factor
+        return height // self.token_size, width // self.token_size
 
     def _shift_scale(self) -> tuple[float, float]:
         shift = self.vae.config.shift_factor
@@ -268,6 +277,7 @@ class ReferenceFluxPolicy(Policy):
     """
 
     default_lora_targets: str = DEFAULT_LORA_TARGETS  # the transformer's attention and MLP projections
+    pipeline_class_name = "FluxPipeline"  # whose LoRA format `cgrpo export` writes
 
     def __init__(
         self,
@@ -281,15 +291,13 @@ class ReferenceFluxPolicy(Policy):
         self.transformer = transformer
         self.codec = codec
         self.text_encoder = text_encoder
-        self.image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        self._image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         self.guidance = guidance
         # Frozen unless a trainer says otherwise (SFT trains the mini text encoder; RL never does).
         self.text_encoder.requires_grad_(False)
         self.codec.requires_grad_(False)
         grid = codec.grid(*self.image_size)
-        if grid[0] * codec.patch_size * getattr(codec, "vae_scale_factor", 1) != self.image_size[0] or (
-            grid[1] * codec.patch_size * getattr(codec, "vae_scale_factor", 1) != self.image_size[1]
-        ):
+        if (grid[0] * codec.token_size, grid[1] * codec.token_size) != self.image_size:
             raise ValueError(f"image size {self.image_size} is not a multiple of the codec's token size")
         self.grid = grid
         in_channels = transformer.config.in_channels
@@ -299,12 +307,8 @@ class ReferenceFluxPolicy(Policy):
 
     # --- properties ------------------------------------------------------------------------------------
     @property
-    def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
+    def image_size(self) -> tuple[int, int]:
+        return self._image_size
 
     @property
     def latent_shape(self) -> tuple[int, int]:
@@ -319,6 +323,21 @@ class ReferenceFluxPolicy(Policy):
             return None
         scale = 3.5 if self.guidance is None else self.guidance
         return torch.full((batch_size,), float(scale), device=self.device)
+
+    @contextlib.contextmanager
+    def override_guidance(self, scale: float) -> Iterator[None]:
+        """Inside the block the distilled guidance embedding gets ``scale`` (no effect without one)."""
+        old, self.guidance = self.guidance, float(scale)
+        try:
+            yield
+        finally:
+            self.guidance = old
+
+    @property
+    def pipeline_class(self) -> type:
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class_name)
 
     # --- conditioning ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -388,6 +407,7 @@ class ReferenceFluxPolicy(Policy):
     # --- LoRA ------------------------------------------------------------------------------------------
     @property
     def has_lora(self) -> bool:
+        # diffusers gives the transformer a `peft_config` only once an adapter is added.
         return ADAPTER in (getattr(self.transformer, "peft_config", None) or {})
 
     def add_lora(

@@ -19,9 +19,10 @@ Conditioning follows ``Flux2KleinPipeline`` exactly (tested against it on tiny c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -214,12 +215,6 @@ class Flux2KleinPolicy(OffloadedTextMixin, ReferenceFluxPolicy):
         self.reference_size = reference_size
         self._negative: torch.Tensor | None = None
 
-    @property
-    def pipeline_class(self):
-        from diffusers import Flux2KleinPipeline
-
-        return Flux2KleinPipeline
-
     def sigmas(self, num_steps: int | None = None) -> torch.Tensor:
         """The pipeline's schedule: linear sigmas with the empirical shift for this size and step count."""
         steps = num_steps or self.num_steps
@@ -232,6 +227,15 @@ class Flux2KleinPolicy(OffloadedTextMixin, ReferenceFluxPolicy):
         if not self.transformer.config.guidance_embeds:
             return None
         return torch.full((batch_size,), float(self.guidance or 1.0), device=self.device)
+
+    @contextlib.contextmanager
+    def override_guidance(self, scale: float) -> Iterator[None]:
+        """Inside the block classifier-free guidance uses ``scale`` (Klein guides by CFG, no embedding)."""
+        old, self.cfg_scale = self.cfg_scale, float(scale)
+        try:
+            yield
+        finally:
+            self.cfg_scale = old
 
     # --- conditioning ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -251,8 +255,7 @@ class Flux2KleinPolicy(OffloadedTextMixin, ReferenceFluxPolicy):
             )
         references = reference_stack(references)
         if self.reference_size is not None:
-            token = self.codec.patch_size * self.codec.vae_scale_factor
-            references = resize_references(references, self.reference_size, token)
+            references = resize_references(references, self.reference_size, self.codec.token_size)
         h, w = references.shape[-2:]
         tokens = [self.codec.encode(references[:, k].to(self.device)) for k in range(references.shape[1])]
         ids = flux2_reference_ids([self.codec.grid(h, w)] * references.shape[1])

@@ -75,7 +75,6 @@ class FluxBackbonePolicy(OffloadedTextMixin, ReferenceFluxPolicy):
     """
 
     default_num_steps = 28
-    pipeline_class_name = "FluxPipeline"
 
     def __init__(
         self,
@@ -97,17 +96,6 @@ class FluxBackbonePolicy(OffloadedTextMixin, ReferenceFluxPolicy):
         self.decode_batch = decode_batch
         self.reference_size = reference_size
         self.num_steps = num_steps or self.default_num_steps
-
-    @property
-    def token_size(self) -> int:
-        """Pixels per packed token side (16 for FLUX: VAE /8, then 2x2 patches)."""
-        return self.codec.patch_size * getattr(self.codec, "vae_scale_factor", 1)
-
-    @property
-    def pipeline_class(self):
-        import diffusers
-
-        return getattr(diffusers, self.pipeline_class_name)
 
     def sigmas(self, num_steps: int | None = None) -> torch.Tensor:
         """The sampling schedule: FLUX's resolution-dependent shift at this image's token count."""

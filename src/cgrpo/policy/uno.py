@@ -88,7 +88,7 @@ class UnoPolicy(FluxBackbonePolicy):
         size = self.reference_size or max(self.image_size)
         if several and self.reference_size is None:
             size = round(size * UNO_MULTI_REFERENCE_RATIO)
-        return resize_references(references, size, self.token_size)
+        return resize_references(references, size, self.codec.token_size)
 
 
 # --- loading -------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ def build_policy(config: PolicyConfig, device: str = "cpu") -> Policy:
         policy.add_lora(config.lora.rank, config.lora.alpha, config.lora.dropout, config.lora.target_modules)
     else:
         policy.transformer.requires_grad_(True)
-    if config.gradient_checkpointing and hasattr(policy, "enable_gradient_checkpointing"):
+    if config.gradient_checkpointing:
         policy.enable_gradient_checkpointing()
     return policy.to(device)
 

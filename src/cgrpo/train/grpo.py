@@ -577,7 +577,7 @@ class GRPOTrainer:
         """The trained adapter (or full weights) in the policy's own format, plus the eval history."""
         with self.dist.full_weights(self.policy.transformer):
             if self.dist.is_main:
-                if self.config.policy.lora.enabled and hasattr(self.policy, "save_lora"):
+                if self.config.policy.lora.enabled:
                     self.policy.save_lora(directory)
                 else:
                     self.policy.save_pretrained(directory)

@@ -64,13 +64,13 @@ class Trajectory:
 
 
 def schedule(policy: Policy, num_steps: int | None = None, shift: float | None = None) -> torch.Tensor:
-    """``[T + 1]`` sigmas: the policy's own schedule (``policy.sigmas``, e.g. UNO's) unless a static ``shift``
-    is asked for, else FLUX's (dynamic shift at the policy's token count, or the static ``shift``).
+    """``[T + 1]`` sigmas: the policy's schedule (:meth:`Policy.sigmas`: FLUX's dynamic shift at its token
+    count unless the backbone has its own, e.g. UNO's) unless a static ``shift`` is asked for, which gives
+    FLUX's sigmas with that shift.
 
-    ``num_steps`` None: the policy's default step count (28 for a policy without its own schedule)."""
-    own = getattr(policy, "sigmas", None)
-    if shift is None and callable(own):
-        return own(num_steps)
+    ``num_steps`` None: the policy's default step count (with ``shift``: 28)."""
+    if shift is None:
+        return policy.sigmas(num_steps)
     return flux_sigmas(num_steps or 28, image_seq_len=policy.latent_shape[0], shift=shift)
 
 
