@@ -1,4 +1,4 @@
-"""BatchReward: the one batch check, empty-batch answer and no-grad scoring that every reward here inherits."""
+"""BatchReward: the one batch check, empty-batch answer and no-grad scoring that every reward inherits."""
 
 from __future__ import annotations
 
