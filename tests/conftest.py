@@ -24,3 +24,18 @@ def tiny_policy_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("policy")
     tiny_policy_for_tests(seed=0, vocabulary=vocabulary()).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def eval_models(tmp_path_factory):
+    """Saved once: a tiny random mini policy (its folder) and tiny CLIP and DINO models (their options)."""
+    from cgrpo.testing.policies import tiny_policy_for_tests
+    from cgrpo.testing.rewards import save_tiny_clip, save_tiny_dino
+
+    root = tmp_path_factory.mktemp("models")
+    tiny_policy_for_tests().save_pretrained(root / "policy")
+    return {
+        "policy": root / "policy",
+        "clip": save_tiny_clip(root / "clip"),
+        "dino": save_tiny_dino(root / "dino"),
+    }

@@ -309,8 +309,10 @@ def test_stepwise_advantages_end_at_the_final_images_advantages(tmp_path):
 
 
 def test_correlation_reads_the_apps_export_with_its_embedded_scores(tmp_path):
+    from cgrpo.humaneval.export import FORMAT, write_results
+
     rng = np.random.default_rng(3)
-    pairs, csv_rows = [], []
+    pairs = []
     for i in range(10):
         dino_a, dino_b = rng.uniform(0.5, 0.9, size=2)
         pair = {
@@ -326,47 +328,12 @@ def test_correlation_reads_the_apps_export_with_its_embedded_scores(tmp_path):
         }
         for annotator in range(2):
             choice = "a" if (dino_a > dino_b) == (annotator == 0 or i % 3 > 0) else "b"
-            pair["votes"].append({"annotator": f"u{annotator}", "criterion": "identity", "choice": choice})
-            winner = {"a": "ours", "b": "uno"}[choice]
-            csv_rows.append(
-                [
-                    pair["pair_id"],
-                    "dog",
-                    f"p{i}",
-                    i,
-                    "ours",
-                    "uno",
-                    f"u{annotator}",
-                    "identity",
-                    choice,
-                    winner,
-                    dino_a,
-                    dino_b,
-                ]
-            )
+            vote = {"annotator": f"u{annotator}", "criterion": "identity", "choice": choice}
+            pair["votes"].append({**vote, "a_on_left": True, "elapsed_ms": 900, "created_at": "2025-01-01"})
         pairs.append(pair)
-    export = tmp_path / "results.json"
-    export.write_text(json.dumps({"format": "cgrpo-humaneval-results/1", "pairs": pairs}))
-    vote_csv = tmp_path / "results.csv"
-    with vote_csv.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(
-            [
-                "pair_id",
-                "subject",
-                "prompt",
-                "seed",
-                "method_a",
-                "method_b",
-                "annotator",
-                "criterion",
-                "choice",
-                "winner",
-                "score_a.dino",
-                "score_b.dino",
-            ]
-        )
-        writer.writerows(csv_rows)
+    # The app's own JSON and CSV exports of these votes.
+    export = write_results({"format": FORMAT, "pairs": pairs}, tmp_path / "results.json")
+    vote_csv = write_results({"format": FORMAT, "pairs": pairs}, tmp_path / "results.csv")
 
     results = []
     for human in (export, vote_csv):

@@ -22,21 +22,7 @@ ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambench"
 pytestmark = pytest.mark.skipif(not (ROOT / "prompts_and_classes.txt").is_file(), reason="no DreamBench copy")
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    from cgrpo.testing.policies import tiny_policy_for_tests
-    from cgrpo.testing.rewards import save_tiny_clip, save_tiny_dino
-
-    root = tmp_path_factory.mktemp("models")
-    tiny_policy_for_tests().save_pretrained(root / "policy")
-    return {
-        "policy": root / "policy",
-        "clip": save_tiny_clip(root / "clip"),
-        "dino": save_tiny_dino(root / "dino"),
-    }
-
-
-def _args(models, out, *extra):
+def _args(eval_models, out, *extra):
     return [
         "dreambench",
         "--out",
@@ -44,7 +30,7 @@ def _args(models, out, *extra):
         "--policy",
         "mini",
         "-P",
-        f"path={models['policy']}",
+        f"path={eval_models['policy']}",
         "--dreambench-root",
         str(ROOT),
         "--subjects",
@@ -56,9 +42,9 @@ def _args(models, out, *extra):
         "--metrics",
         "dino,clip_i,clip_t",
         "-M",
-        f"dino.path={models['dino']['path']}",
+        f"dino.path={eval_models['dino']['path']}",
         "-M",
-        f"clip.path={models['clip']['path']}",
+        f"clip.path={eval_models['clip']['path']}",
         "--steps",
         "2",
         "--batch-size",
@@ -93,7 +79,7 @@ def test_root_resolution_and_clear_errors(tmp_path, monkeypatch):
         dreambench_cases(ROOT, subjects=["unicorn"])
 
 
-def test_images_do_not_depend_on_the_batch(models):
+def test_images_do_not_depend_on_the_batch(eval_models):
     from cgrpo.sde import flux_sigmas
     from cgrpo.testing.policies import tiny_policy_for_tests
 
@@ -108,7 +94,7 @@ def test_images_do_not_depend_on_the_batch(models):
     assert runner.item_seed(0, "dog", "a dog", 1) != runner.item_seed(1, "dog", "a dog", 1)
 
 
-def test_dreambench_end_to_end_and_resume(models, tmp_path, monkeypatch):
+def test_dreambench_end_to_end_and_resume(eval_models, tmp_path, monkeypatch):
     generated, built = [], []
     real_generate, real_build = runner.generate_images, metric_module.build_metric
 
@@ -125,7 +111,7 @@ def test_dreambench_end_to_end_and_resume(models, tmp_path, monkeypatch):
     out = tmp_path / "eval"
     cli = CliRunner()
 
-    result = cli.invoke(eval_app, _args(models, out))
+    result = cli.invoke(eval_app, _args(eval_models, out))
     assert result.exit_code == 0, result.output
     assert len(generated) == 8 and sorted(built) == ["clip_i", "clip_t", "dino"]
     images = sorted(out.glob("images/*/*/*.png"))
@@ -155,7 +141,7 @@ def test_dreambench_end_to_end_and_resume(models, tmp_path, monkeypatch):
 
     # Resume: nothing to generate (the policy is not even built), every score reused.
     generated.clear(), built.clear()
-    result = cli.invoke(eval_app, _args(models, out))
+    result = cli.invoke(eval_app, _args(eval_models, out))
     assert result.exit_code == 0, result.output
     assert generated == [] and built == []
     with (out / "scores.csv").open() as handle:
@@ -165,21 +151,21 @@ def test_dreambench_end_to_end_and_resume(models, tmp_path, monkeypatch):
     victim = out / rows[3]["image"]
     before = victim.read_bytes()
     victim.unlink()
-    result = cli.invoke(eval_app, _args(models, out))
+    result = cli.invoke(eval_app, _args(eval_models, out))
     assert result.exit_code == 0, result.output
     assert generated == [int(rows[3]["seed"])]
     assert victim.read_bytes() == before
     assert sorted(built) == ["clip_i", "clip_t", "dino"]
 
     # Changing what generates the images is refused with a clear message.
-    result = cli.invoke(eval_app, _args(models, out, "--seed", "5"))
+    result = cli.invoke(eval_app, _args(eval_models, out, "--seed", "5"))
     assert result.exit_code == 2
     assert "seed=0" in result.output and "another --out" in result.output.replace("\n", " ")
 
 
-def test_unknown_metric_and_bad_option_are_one_line_errors(models, tmp_path):
+def test_unknown_metric_and_bad_option_are_one_line_errors(eval_models, tmp_path):
     cli = CliRunner()
-    args = _args(models, tmp_path / "e")
+    args = _args(eval_models, tmp_path / "e")
     bad_metric = list(args)
     bad_metric[bad_metric.index("dino,clip_i,clip_t")] = "dino,nope"
     result = cli.invoke(eval_app, bad_metric)
@@ -189,7 +175,7 @@ def test_unknown_metric_and_bad_option_are_one_line_errors(models, tmp_path):
     assert result.exit_code == 2 and "hpsv3" in result.output
 
 
-def test_lora_of_a_run_is_found_and_loaded(models, tmp_path):
+def test_lora_of_a_run_is_found_and_loaded(eval_models, tmp_path):
     from cgrpo.config import ConfigError
     from cgrpo.testing.policies import tiny_policy_for_tests
 
@@ -198,11 +184,11 @@ def test_lora_of_a_run_is_found_and_loaded(models, tmp_path):
     policy.save_lora(tmp_path / "run" / "final")
     assert runner.resolve_lora(tmp_path / "run") == (tmp_path / "run" / "final").resolve()
     settings = runner.GenerationSettings(
-        "mini", {"path": str(models["policy"])}, str(tmp_path / "run" / "final")
+        "mini", {"path": str(eval_models["policy"])}, str(tmp_path / "run" / "final")
     )
     assert runner.build_eval_policy(settings).has_lora
     assert runner._default_method(settings) == "mini@policy+run"
     with pytest.raises(ConfigError, match="adapter_model.safetensors"):
         runner.resolve_lora(tmp_path)
     with pytest.raises(ConfigError, match="--policy-option path="):
-        runner.resolve_lora(models["policy"])
+        runner.resolve_lora(eval_models["policy"])

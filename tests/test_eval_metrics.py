@@ -25,20 +25,6 @@ from cgrpo.eval.cli import eval_app
 ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambench"
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    from cgrpo.testing.policies import tiny_policy_for_tests
-    from cgrpo.testing.rewards import save_tiny_clip, save_tiny_dino
-
-    root = tmp_path_factory.mktemp("models")
-    tiny_policy_for_tests().save_pretrained(root / "policy")
-    return {
-        "policy": root / "policy",
-        "clip": save_tiny_clip(root / "clip"),
-        "dino": save_tiny_dino(root / "dino"),
-    }
-
-
 class Transformers4Clip(torch.nn.Module):
     """``get_image_features``/``get_text_features`` returning projected pooled tensors (torchmetrics' API)."""
 
@@ -58,14 +44,19 @@ def _uint8(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).contiguous()
 
 
-def test_mini_eval_clip_scores_match_torchmetrics(models, tmp_path):
+def test_mini_eval_clip_scores_match_torchmetrics(eval_models, tmp_path):
     from torchmetrics.functional.multimodal.clip_score import _clip_score_update, clip_score
     from transformers import CLIPModel, CLIPProcessor
 
     out = tmp_path / "mini"
-    args = ["mini", "--out", str(out), "-P", f"path={models['policy']}", "--image-size", "16"]
+    args = ["mini", "--out", str(out), "-P", f"path={eval_models['policy']}", "--image-size", "16"]
     args += ["--num-subjects", "2", "--images-per-prompt", "1", "--steps", "2", "--device", "cpu"]
-    args += ["--metrics", "mini_id,mini_prompt,clip_i,clip_t", "-M", f"clip.path={models['clip']['path']}"]
+    args += [
+        "--metrics",
+        "mini_id,mini_prompt,clip_i,clip_t",
+        "-M",
+        f"clip.path={eval_models['clip']['path']}",
+    ]
     result = CliRunner().invoke(eval_app, args)
     assert result.exit_code == 0, result.output
 
@@ -76,8 +67,8 @@ def test_mini_eval_clip_scores_match_torchmetrics(models, tmp_path):
         rows = list(csv.DictReader(handle))
     assert all(0.0 <= float(r["mini_id"]) <= 1.0 for r in rows)
 
-    model = Transformers4Clip(CLIPModel.from_pretrained(models["clip"]["path"]))
-    processor = CLIPProcessor.from_pretrained(models["clip"]["path"])
+    model = Transformers4Clip(CLIPModel.from_pretrained(eval_models["clip"]["path"]))
+    processor = CLIPProcessor.from_pretrained(eval_models["clip"]["path"])
     images = [_uint8(out / r["image"]) for r in rows]
     references = [_uint8(out / r["reference"]) for r in rows]
     prompts = [r["prompt"] for r in rows]
@@ -95,14 +86,14 @@ def test_mini_eval_clip_scores_match_torchmetrics(models, tmp_path):
 
 @pytest.mark.skipif(not (ROOT / "prompts_and_classes.txt").is_file(), reason="no DreamBench copy")
 def test_identity_metrics_are_one_for_the_reference_and_lower_for_another_subject(
-    models, tmp_path, monkeypatch
+    eval_models, tmp_path, monkeypatch
 ):
     from cgrpo.eval.dreambench import dreambench_task
     from cgrpo.eval.runner import GenerationSettings, run_benchmark
 
     task = dreambench_task(ROOT, subjects=["dog", "backpack"], prompts_per_subject=1)
     fake_policy = SimpleNamespace(latent_shape=(16, 48), image_size=(64, 64))
-    options = {"dino": models["dino"], "clip_i": models["clip"]}
+    options = {"dino": eval_models["dino"], "clip_i": eval_models["clip"]}
 
     def run(out: Path, swap: bool) -> list[dict]:
         def copy_reference(policy, prompts, references, seeds, sigmas):

@@ -113,20 +113,9 @@ def test_pixel_codec_round_trip_exact():
 
 
 def test_vae_codec_shapes():
-    from diffusers import AutoencoderKL
+    from cgrpo.testing.policies import tiny_flux_vae
 
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=4,
-        layers_per_block=1,
-        scaling_factor=0.5,
-        shift_factor=0.1,
-    )
-    codec = VaeCodec(vae)
+    codec = VaeCodec(tiny_flux_vae())
     assert codec.channels == 16 and codec.grid(16, 16) == (4, 4)
     with torch.no_grad():
         tokens = codec.encode(torch.rand(2, 3, 16, 16))

@@ -6,11 +6,14 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from cgrpo.eval.runner import EvalTask, GenerationSettings
 
 eval_app = typer.Typer(
     help="Evaluate a policy: DreamBench (the paper's Table 1) or the mini world.", no_args_is_help=True
@@ -88,6 +91,42 @@ def _settings(
     )
 
 
+def _metrics(metrics: str, metric_option: list[str] | None) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """``--metrics`` and ``--metric-option`` -> the metric names and each one's options."""
+    from cgrpo.eval.metrics import parse_metric_list, parse_metric_options
+
+    names = parse_metric_list(metrics)
+    return names, parse_metric_options(metric_option, names)
+
+
+def _benchmark(
+    task: EvalTask,
+    out: Path,
+    settings: GenerationSettings,
+    metrics: tuple[list[str], dict[str, dict[str, Any]]],
+    title: str,
+    device: str | None,
+    **options: Any,
+) -> None:
+    """Generate and score ``task`` with ``metrics`` (from :func:`_metrics`), then print the summary. The
+    table's title is ``title`` and the method (``--method``, else the policy)."""
+    from cgrpo.eval.runner import run_benchmark
+
+    names, metric_options = metrics
+    method = options.get("method") or settings.policy
+    summary = run_benchmark(
+        task,
+        out,
+        settings,
+        names,
+        metric_options,
+        device=_device(device),
+        title=f"{title}: {method}",
+        **options,
+    )
+    _print_summary(summary, out)
+
+
 def _print_summary(summary: dict[str, Any], out: Path) -> None:
     from cgrpo.eval.runner import format_interval
 
@@ -159,31 +198,26 @@ def eval_dreambench(
 ) -> None:
     """DreamBench: 30 subjects x 25 prompts x N images, scored with DINO, CLIP-I, CLIP-T and HPS-v3."""
     from cgrpo.eval.dreambench import dreambench_task
-    from cgrpo.eval.metrics import parse_metric_list, parse_metric_options
-    from cgrpo.eval.runner import run_benchmark
 
-    names = parse_metric_list(metrics)
-    options = parse_metric_options(metric_option, names)
+    chosen = _metrics(metrics, metric_option)
     settings = _settings(policy, policy_option, lora, steps, shift, seed, reference_size)
     task = dreambench_task(
         dreambench_root, _split(subjects), prompts_per_subject, unique_token, reference_index
     )
-    summary = run_benchmark(
+    _benchmark(
         task,
         out,
         settings,
-        names,
-        options,
+        chosen,
+        "DreamBench",
+        device,
         images_per_prompt=images_per_prompt,
         batch_size=batch_size,
         score_batch_size=score_batch_size,
         method=method,
-        device=_device(device),
         identity_references=identity_references,
         ci_seed=ci_seed,
-        title=f"DreamBench: {method or settings.policy}",
     )
-    _print_summary(summary, out)
 
 
 @eval_app.command("mini")
@@ -218,29 +252,24 @@ def eval_mini(
     ci_seed: Annotated[int, typer.Option(help="Seed of the bootstrap intervals.")] = 0,
 ) -> None:
     """The mini world's held-out subjects, scored with the mini rewards, per prompt kind."""
-    from cgrpo.eval.metrics import parse_metric_list, parse_metric_options
     from cgrpo.eval.mini import mini_task
-    from cgrpo.eval.runner import run_benchmark
 
-    names = parse_metric_list(metrics)
-    options = parse_metric_options(metric_option, names)
+    chosen = _metrics(metrics, metric_option)
     settings = _settings(policy, policy_option, lora, steps, shift, seed, None)
     task = mini_task(out, image_size, num_subjects, prompts_per_kind, eval_seed)
-    summary = run_benchmark(
+    _benchmark(
         task,
         out,
         settings,
-        names,
-        options,
+        chosen,
+        "Mini world",
+        device,
         images_per_prompt=images_per_prompt,
         batch_size=batch_size,
         score_batch_size=max(batch_size, 64),
         method=method,
-        device=_device(device),
         ci_seed=ci_seed,
-        title=f"Mini world: {method or settings.policy}",
     )
-    _print_summary(summary, out)
 
 
 @eval_app.command("table")

@@ -36,7 +36,7 @@ import numpy as np
 
 from cgrpo.eval.analyses import plt, save_figure
 from cgrpo.eval.metrics import info
-from cgrpo.eval.runner import BASE_COLUMNS, read_scores
+from cgrpo.eval.runner import BASE_COLUMNS, parse_score, read_scores
 from cgrpo.eval.stats import DEFAULT_RESAMPLES, correlation, win_rate
 from cgrpo.io import atomic_write_json, atomic_write_text
 
@@ -132,7 +132,9 @@ def _votes_from_csv(path: Path) -> tuple[list[dict[str, Any]], dict[str, dict[st
         pair = pairs.setdefault(str(row["pair_id"]), {k: row[k] for k in row if not k.startswith("score_")})
         for side in ("a", "b"):
             scores = {
-                k.split(".", 1)[1]: _float(v) for k, v in row.items() if k.startswith(f"score_{side}.") and v
+                k.split(".", 1)[1]: parse_score(v)
+                for k, v in row.items()
+                if k.startswith(f"score_{side}.") and v
             }
             pair.setdefault(f"scores_{side}", {}).update(scores)
     return rows, pairs
@@ -171,7 +173,7 @@ def load_votes(path: str | Path) -> HumanJudgements:
         fields_ = (method, pair.get("subject"), pair.get("prompt"), pair.get("seed"))
         meta = tuple(str(v) for v in fields_) if None not in fields_ else None
         if meta and pair.get(f"scores_{side}"):
-            embedded[meta] = {k: _float(v) for k, v in pair[f"scores_{side}"].items()}
+            embedded[meta] = {k: parse_score(v) for k, v in pair[f"scores_{side}"].items()}
         image = pair.get(f"image_{side}")
         paths = _candidates(str(image), [path.parent]) if image else []
         key = "|".join(meta) if meta else (str(paths[0]) if paths else f"{pair['pair_id']}:{side}")
@@ -235,7 +237,7 @@ def _score_index(
             raise ValueError(f"{file}: no score rows (expected a scores.csv written by `cgrpo eval`)")
         bases.append(file.parent.resolve())
         for name in rows[0]:
-            numeric = any(np.isfinite(_float(row.get(name))) for row in rows)
+            numeric = any(np.isfinite(parse_score(row.get(name))) for row in rows)
             if name not in BASE_COLUMNS and name not in metrics and numeric:
                 metrics.append(name)
         for row in rows:
@@ -258,13 +260,6 @@ def _match(
         if key in index:
             return index[key]
     return None
-
-
-def _float(value: Any) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return float("nan")
 
 
 def correlation_analysis(
@@ -311,7 +306,7 @@ def correlation_analysis(
     for metric in metrics:
         for criterion in criteria:
             keys = [k for k in matched if criterion in judgements.images[k].scores]
-            x = [_float(matched[k].get(metric)) for k in keys]
+            x = [parse_score(matched[k].get(metric)) for k in keys]
             y = [judgements.images[k].scores[criterion] for k in keys]
             if sum(np.isfinite(x)) < 3:
                 continue
@@ -362,7 +357,7 @@ def _pairwise_agreement(
     for key_a, key_b, crit, majority in judgements.decided_pairs:
         if crit != criterion or key_a not in matched or key_b not in matched:
             continue
-        a, b = _float(matched[key_a].get(metric)), _float(matched[key_b].get(metric))
+        a, b = parse_score(matched[key_a].get(metric)), parse_score(matched[key_b].get(metric))
         if not (np.isfinite(a) and np.isfinite(b)):
             continue
         n += 1

@@ -272,9 +272,10 @@ def _cell(value: Any) -> Any:
     return value
 
 
-def _parse_float(text: Any) -> float:
+def parse_score(value: Any) -> float:
+    """A score read from ``scores.csv`` or a JSON export (text, number or None); blank or malformed: NaN."""
     try:
-        return float(text)
+        return float(value)
     except (TypeError, ValueError):
         return float("nan")
 
@@ -461,7 +462,7 @@ def summarise(
     def block(subset: Sequence[dict[str, Any]]) -> dict[str, Any]:
         return {
             m: bootstrap_mean(
-                [_parse_float(r.get(m)) for r in subset], n_resamples=n_resamples, seed=seed
+                [parse_score(r.get(m)) for r in subset], n_resamples=n_resamples, seed=seed
             ).as_dict()
             for m in metrics
         }

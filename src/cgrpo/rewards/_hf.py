@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from cgrpo.rewards.base import ImageBatch, check_batch, to_pil
+from cgrpo.rewards.base import BatchReward, ImageBatch, RewardBatch, to_pil
 
 _DTYPES = {
     "float32": torch.float32,
@@ -134,7 +134,7 @@ class LocalEmbedder:
         return unit_embeddings(len(pil), self.batch_size, dim, embed)
 
 
-class CosineReward:
+class CosineReward(BatchReward):
     """Base of the rewards that score the cosine of unit-norm embeddings, ``[N]`` in [-1, 1]: each generated
     image's (``_images``) with its target's (``_targets``: its reference's or its prompt's)."""
 
@@ -144,15 +144,8 @@ class CosineReward:
     def _targets(self, references: ImageBatch, prompts: Sequence[str]) -> torch.Tensor:
         raise NotImplementedError
 
-    def __call__(
-        self,
-        images: ImageBatch,
-        references: ImageBatch,
-        prompts: Sequence[str],
-        subjects: Sequence[str] | None = None,
-    ) -> torch.Tensor:
-        check_batch(images, references, prompts)
-        return (self._images(images) * self._targets(references, prompts)).sum(-1)
+    def score_batch(self, batch: RewardBatch) -> torch.Tensor:
+        return (self._images(batch.images) * self._targets(batch.references, batch.prompts)).sum(-1)
 
 
 def image_hash(image: Image.Image, extra: str = "") -> str:
@@ -161,11 +154,6 @@ def image_hash(image: Image.Image, extra: str = "") -> str:
     digest.update(f"{image.size}|{extra}|".encode())
     digest.update(image.convert("RGB").tobytes())
     return digest.hexdigest()
-
-
-def check_subjects(subjects: Sequence[str] | None, n: int) -> None:
-    if subjects is not None and len(subjects) != n:
-        raise ValueError(f"reward batch mismatch: {n} images but {len(subjects)} subjects")
 
 
 class LRUCache:

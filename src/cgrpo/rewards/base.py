@@ -8,12 +8,15 @@ Every reward in the project is a callable ``(images, references, prompts, subjec
 - ``subjects``: optional N subject class names (``"dog"``, ``"backpack"``), used e.g. as a detection query.
 
 Higher is better. Scores are computed without gradients; non-finite scores are allowed (the trainer masks
-them out and counts them) but a reward must never raise on a valid batch.
+them out and counts them) but a reward must never raise on a valid batch. The rewards of this package derive
+from :class:`BatchReward`, which checks every batch the same way and leaves them only ``score_batch``.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -112,3 +115,46 @@ def check_batch(images: ImageBatch, references: ImageBatch, prompts: Sequence[st
             f"reward batch mismatch: {n} images, {len(references)} references, {len(prompts)} prompts"
         )
     return n
+
+
+def check_subjects(subjects: Sequence[str] | None, n: int) -> None:
+    if subjects is not None and len(subjects) != n:
+        raise ValueError(f"reward batch mismatch: {n} images but {len(subjects)} subjects")
+
+
+@dataclass(frozen=True)
+class RewardBatch:
+    """One checked, non-empty reward batch: N images, N references, N prompts and N subjects (or ``None``)."""
+
+    images: ImageBatch
+    references: ImageBatch
+    prompts: list[str]
+    subjects: list[str] | None
+
+
+class BatchReward(ABC):
+    """Base of the rewards of this package: ``__call__`` checks the batch (as many images as references,
+    prompts and, when given, subjects), answers an empty batch with an empty ``[0]`` tensor and scores any
+    other one with :meth:`score_batch`, without gradients. Subclasses set ``name`` and define ``score_batch``.
+    """
+
+    name: str
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        images: ImageBatch,
+        references: ImageBatch,
+        prompts: Sequence[str],
+        subjects: Sequence[str] | None = None,
+    ) -> torch.Tensor:
+        n = check_batch(images, references, prompts)
+        check_subjects(subjects, n)
+        if n == 0:
+            return torch.zeros(0)
+        subject_list = list(subjects) if subjects is not None else None
+        return self.score_batch(RewardBatch(images, references, list(prompts), subject_list))
+
+    @abstractmethod
+    def score_batch(self, batch: RewardBatch) -> torch.Tensor:
+        """``[N]`` scores of a checked, non-empty batch."""

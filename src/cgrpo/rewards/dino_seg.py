@@ -39,14 +39,13 @@ from PIL import Image
 from cgrpo.rewards._hf import (
     LRUCache,
     batches,
-    check_subjects,
     image_hash,
     require_dir,
     resolve_device,
     resolve_dtype,
     to_model,
 )
-from cgrpo.rewards.base import ImageBatch, check_batch, register, to_pil
+from cgrpo.rewards.base import BatchReward, RewardBatch, register, to_pil
 
 
 def detection_query(subject: str | None, default: str = "object") -> str:
@@ -87,7 +86,7 @@ def box_mask(box: Sequence[float], height: int, width: int) -> np.ndarray:
 
 
 @register("dino_seg")
-class DinoSegReward:
+class DinoSegReward(BatchReward):
     """DINO-Seg: DINOv2 cosine between the segmented subject in each image and in its reference.
 
     Options:
@@ -265,18 +264,8 @@ class DinoSegReward:
         self.stats["cache_hits"] += len(keys) - len(missing)
         return torch.stack([known[key] for key in keys])
 
-    def __call__(
-        self,
-        images: ImageBatch,
-        references: ImageBatch,
-        prompts: Sequence[str],
-        subjects: Sequence[str] | None = None,
-    ) -> torch.Tensor:
-        n = check_batch(images, references, prompts)
-        check_subjects(subjects, n)
-        if n == 0:
-            return torch.zeros(0)
-        subject_list = list(subjects) if subjects is not None else [None] * n
-        generated = self.embed(self.crops(to_pil(images), subject_list))
-        reference = self._reference_embeddings(to_pil(references), subject_list)
+    def score_batch(self, batch: RewardBatch) -> torch.Tensor:
+        subjects = batch.subjects if batch.subjects is not None else [None] * len(batch.prompts)
+        generated = self.embed(self.crops(to_pil(batch.images), subjects))
+        reference = self._reference_embeddings(to_pil(batch.references), subjects)
         return (generated * reference).sum(-1)

@@ -72,7 +72,7 @@ from PIL import Image
 from torch import nn
 
 from cgrpo.rewards._hf import batches, require_dir, resolve_device, resolve_dtype, to_model
-from cgrpo.rewards.base import ImageBatch, check_batch, register, to_pil
+from cgrpo.rewards.base import BatchReward, ImageBatch, RewardBatch, register, to_pil
 
 REWARD_TOKEN = "<|Reward|>"
 IMAGE_PAD_TOKEN = "<|image_pad|>"
@@ -350,7 +350,7 @@ def load_release(
 
 
 @register("hpsv3")
-class HPSv3Reward:
+class HPSv3Reward(BatchReward):
     """HPSv3 human-preference score (predicted mean) of each image for its prompt; higher is better.
 
     Options:
@@ -444,12 +444,5 @@ class HPSv3Reward:
         self.stats["images"] += len(pil)
         return torch.cat(outputs)
 
-    def __call__(
-        self,
-        images: ImageBatch,
-        references: ImageBatch,
-        prompts: Sequence[str],
-        subjects: Sequence[str] | None = None,
-    ) -> torch.Tensor:
-        check_batch(images, references, prompts)
-        return self.score(images, prompts)[:, 0]
+    def score_batch(self, batch: RewardBatch) -> torch.Tensor:
+        return self.score(batch.images, batch.prompts)[:, 0]

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from cgrpo.data import miniworld as mw
-from cgrpo.rewards.base import ImageBatch, check_batch, register, to_tensor
+from cgrpo.rewards.base import BatchReward, ImageBatch, RewardBatch, check_batch, register, to_tensor
 
 FOREGROUND_THRESHOLD = 0.2  # RGB distance from the background; world colours are >= 0.4 apart
 KEEP_FRACTION = 0.25  # components smaller than this share of the largest are specks, not subject
@@ -425,8 +425,8 @@ def _nan_where(scores: torch.Tensor, *finite: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, scores, torch.full_like(scores, float("nan")))
 
 
-class _MiniReward:
-    """What the two mini-world rewards share: options, batch checks, resizing, and NaN for non-finite inputs.
+class _MiniReward(BatchReward):
+    """What the two mini-world rewards share: options, resizing, and NaN for non-finite inputs.
 
     Subclasses set ``name`` and ``default_weights`` and define ``_score`` on the prepared batches.
     """
@@ -450,19 +450,10 @@ class _MiniReward:
         """``[N, 3, S, S]`` images and references in [0, 1] -> ``[N]`` scores."""
         raise NotImplementedError
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        images: ImageBatch,
-        references: ImageBatch,
-        prompts: Sequence[str],
-        subjects: Sequence[str] | None = None,
-    ) -> torch.Tensor:
-        if check_batch(images, references, prompts) == 0:
-            return torch.zeros(0)
-        batch, finite = _prepare(images, self.image_size)
-        refs, refs_finite = _prepare(references, self.image_size)
-        return _nan_where(self._score(batch, refs, list(prompts)).float(), finite, refs_finite)
+    def score_batch(self, batch: RewardBatch) -> torch.Tensor:
+        images, finite = _prepare(batch.images, self.image_size)
+        refs, refs_finite = _prepare(batch.references, self.image_size)
+        return _nan_where(self._score(images, refs, batch.prompts).float(), finite, refs_finite)
 
 
 class MiniIdentityReward(_MiniReward):

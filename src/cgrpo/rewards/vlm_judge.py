@@ -13,7 +13,7 @@ follow the text prompt (content, setting, style, attributes) and look good. The 
 requested. Images travel as base64 PNG data URLs in ``image_url`` content parts; ``temperature=0``.
 
 The reward is the requested score divided by 10, in [0, 1] (``"both"``: the mean of the two).
-``reward.last_scores`` keeps the last batch's per-criterion scores (``[N]`` tensors, same scale).
+``reward.last_scores`` keeps the last non-empty batch's per-criterion scores (``[N]`` tensors, same scale).
 
 Robustness: every request has a ``timeout``; timeouts, connection errors, HTTP 408/409/429 and 5xx are
 retried up to ``max_retries`` times with exponential backoff (``backoff * 2**attempt``, capped at
@@ -41,7 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from PIL import Image
 
-from cgrpo.rewards.base import ImageBatch, check_batch, register, to_pil
+from cgrpo.rewards.base import BatchReward, RewardBatch, register, to_pil
 
 CRITERIA = ("identity", "prompt")
 RETRYABLE_STATUS = frozenset({408, 409, 429})
@@ -127,7 +127,7 @@ def _number(value) -> float | None:
 
 
 @register("vlm_judge")
-class VLMJudgeReward:
+class VLMJudgeReward(BatchReward):
     """A VLM behind an OpenAI-compatible chat endpoint scores identity and/or prompt following (0-10, /10).
 
     Options:
@@ -248,21 +248,13 @@ class VLMJudgeReward:
             text = "".join(part.get("text", "") for part in text if isinstance(part, dict))
         return parse_scores(text, self.criteria)
 
-    def __call__(
-        self,
-        images: ImageBatch,
-        references: ImageBatch,
-        prompts: Sequence[str],
-        subjects: Sequence[str] | None = None,
-    ) -> torch.Tensor:
-        n = check_batch(images, references, prompts)
-        pil_images, pil_references = to_pil(images), to_pil(references)
-        pool = ThreadPoolExecutor(
-            max_workers=min(self.concurrency, max(n, 1)), thread_name_prefix="vlm-judge"
-        )
+    def score_batch(self, batch: RewardBatch) -> torch.Tensor:
+        n = len(batch.prompts)
+        pil_images, pil_references = to_pil(batch.images), to_pil(batch.references)
+        pool = ThreadPoolExecutor(max_workers=min(self.concurrency, n), thread_name_prefix="vlm-judge")
         futures = [
             pool.submit(self.judge, image, reference, prompt)
-            for image, reference, prompt in zip(pil_images, pil_references, prompts, strict=True)
+            for image, reference, prompt in zip(pil_images, pil_references, batch.prompts, strict=True)
         ]
         try:
             answers = [future.result() for future in futures]
@@ -279,7 +271,7 @@ class VLMJudgeReward:
             for c in self.criteria:
                 scores[c][i] = answer[c] / 10.0
         self.last_scores = scores
-        return torch.stack([scores[c] for c in self.criteria]).mean(0) if n else torch.zeros(0)
+        return torch.stack([scores[c] for c in self.criteria]).mean(0)
 
     def _count(self, key: str) -> None:
         with self._stats_lock:

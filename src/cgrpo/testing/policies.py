@@ -17,7 +17,7 @@ import torch
 
 from cgrpo.policy.flux import ReferenceFluxPolicy
 from cgrpo.policy.mini import build_mini_policy
-from cgrpo.testing.rewards import byte_alphabet
+from cgrpo.testing.rewards import byte_alphabet, clip_byte_vocab
 
 # --- the mini policy ----------------------------------------------------------------------------------------
 
@@ -91,11 +91,7 @@ TINY_TEXT_LENGTH = 16
 def _tiny_clip(seed: int):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    alphabet = byte_alphabet()
-    vocab = {c: i for i, c in enumerate(alphabet)}
-    vocab.update({c + "</w>": len(alphabet) + i for i, c in enumerate(alphabet)})
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
+    vocab = clip_byte_vocab()
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=TINY_TEXT_LENGTH)
     torch.manual_seed(seed)
     model = CLIPTextModel(

@@ -75,6 +75,17 @@ def byte_alphabet() -> list[str]:
     return sorted(pre_tokenizers.ByteLevel.alphabet())
 
 
+def clip_byte_vocab() -> dict[str, int]:
+    """A CLIP tokenizer vocabulary with no merges: every byte, alone and word-final (``</w>``), then the start
+    and end tokens."""
+    alphabet = byte_alphabet()
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    vocab.update({c + "</w>": len(alphabet) + i for i, c in enumerate(alphabet)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return vocab
+
+
 def _mkdir(path: str | os.PathLike) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -87,11 +98,7 @@ def save_tiny_clip(directory: str | os.PathLike, seed: int = 0) -> dict[str, str
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     out = _mkdir(directory)
-    alphabet = byte_alphabet()
-    vocab = {c: i for i, c in enumerate(alphabet)}
-    vocab.update({c + "</w>": len(alphabet) + i for i, c in enumerate(alphabet)})
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
+    vocab = clip_byte_vocab()
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
     config = CLIPConfig(
         text_config=dict(
