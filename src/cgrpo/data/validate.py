@@ -5,8 +5,9 @@ opens every image once (PIL ``verify`` and a full decode) and raises one :class:
 message lists every problem as ``FILE:LINE[,LINE...]: message``:
 
 - bad JSON, a non-object line, non-UTF-8 text, missing or unknown keys, wrong value types, an empty
-  prompt, duplicate ids (naming the first line with that id);
-- a missing image file, an unreadable or corrupt or truncated image;
+  prompt, duplicate ids (naming the first line with that id); in the multi-subject form (``subjects``)
+  also both forms at once, an empty list, more than 4 subjects, a subject without reference or class;
+- a missing image file, an unreadable or corrupt or truncated image (every subject's images are checked);
 - a mode without a faithful RGB conversion: CMYK, transparent pixels (RGBA/LA/PA, or a palette image
   with a transparent colour), 16-bit or float images;
 - an image smaller than ``image_size`` when a size is required (it would have to be upscaled).
@@ -189,11 +190,10 @@ def check_dataset(
     # Each image is opened once, however many records use it; problems name every line that uses it.
     uses: dict[Path, list[tuple[Record, str]]] = {}
     for record in records:
-        for path in record.references:
-            uses.setdefault(path, []).append((record, "reference"))
+        for role, path in record.images():  # every subject's references (multi-subject form), then target
+            uses.setdefault(path, []).append((record, role))
         if record.target is not None:
-            uses.setdefault(record.target, []).append((record, "target"))
-            if record.target in record.references:
+            if any(record.target in entry.references for entry in record.subjects):
                 report.warnings.append(
                     Problem(record.source, (record.line,), f"target {record.target} is also its reference")
                 )
