@@ -192,11 +192,10 @@ def check_dataset(
     for record in records:
         for role, path in record.images():  # every subject's references (multi-subject form), then target
             uses.setdefault(path, []).append((record, role))
-        if record.target is not None:
-            if any(record.target in entry.references for entry in record.subjects):
-                report.warnings.append(
-                    Problem(record.source, (record.line,), f"target {record.target} is also its reference")
-                )
+        if record.target is not None and any(record.target in e.references for e in record.subjects):
+            report.warnings.append(
+                Problem(record.source, (record.line,), f"target {record.target} is also its reference")
+            )
     min_size = image_hw(image_size) if image_size is not None else None
     paths = list(uses)
     # Decoding releases the GIL, so a few threads help on large datasets.
