@@ -17,6 +17,14 @@ records sharing a reference share a subject), ``split`` (e.g. ``"train"``; see `
 ``meta`` (a JSON object carried along untouched, e.g. SynCD's precomputed scores). Any other key is an
 error. Relative paths are relative to the JSONL file's folder; absolute paths are used as they are.
 
+A multi-subject record (1-4 subjects in one image) replaces ``reference``/``subject_class`` (and
+``subject``) by ``subjects``: a list of ``{"reference": path or [paths], "subject_class": str, "subject":
+optional id}`` objects, the first being the primary subject::
+
+    {"id": "s1", "subjects": [{"reference": "heart.png", "subject_class": "heart"},
+                              {"reference": "star.png", "subject_class": "star"}],
+     "prompt": "a heart left of a star"}
+
 **Folder** — one folder per subject::
 
     ROOT/prompts.txt            one prompt per line ("#" comments and blank lines are skipped)
@@ -32,8 +40,9 @@ example with id ``SUBJECT/NNN`` (the prompt's index) and no target.
 ``split``: for a JSONL file, keep the records whose ``split`` key equals it; for a folder, read
 ``ROOT/{split}.jsonl`` if it exists, else the folder layout under ``ROOT/{split}/``.
 
-Multiple references: :class:`Example` holds one reference tensor, the first; the dataset's
-``references(index)`` returns all of them (and ``record(index)`` the parsed record with its paths).
+Multiple references: :class:`Example` holds one reference tensor per subject (the subject's first image:
+``reference``, then ``extra_references``); the dataset's ``references(index)`` returns all images of the
+first subject (and ``record(index)`` the parsed record with its paths).
 """
 
 from __future__ import annotations
@@ -56,6 +65,9 @@ from cgrpo.io import atomic_write_text
 
 REQUIRED_KEYS = ("id", "reference", "subject_class", "prompt")
 OPTIONAL_KEYS = ("target", "kind", "subject", "split", "meta")
+SUBJECTS_KEY = "subjects"  # the multi-subject form; replaces "reference", "subject_class" and "subject"
+SUBJECT_KEYS = ("reference", "subject_class", "subject")  # keys of one entry of "subjects"
+MAX_SUBJECTS = 4
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 ImageSize = int | tuple[int, int]
@@ -85,9 +97,22 @@ class Problem:
         return f"{self.source}:{','.join(str(line) for line in self.lines)}: {self.message}"
 
 
+@dataclass(frozen=True)
+class SubjectEntry:
+    """One subject of a record: its reference images (absolute paths, the first is primary), class and id."""
+
+    references: tuple[Path, ...]
+    subject_class: str
+    subject: str
+
+
 @dataclass(frozen=True, eq=False)
 class Record:
-    """One parsed dataset entry; paths are absolute. ``source``/``line`` say where it was read from."""
+    """One parsed dataset entry; paths are absolute. ``source``/``line`` say where it was read from.
+
+    The first subject is ``references``/``subject_class``/``subject``; a multi-subject record lists its
+    2nd..Kth subjects in ``extra_subjects``.
+    """
 
     id: str
     references: tuple[Path, ...]
@@ -100,23 +125,48 @@ class Record:
     meta: Mapping[str, Any] = field(default_factory=dict)
     source: str = ""
     line: int = 0
+    extra_subjects: tuple[SubjectEntry, ...] = ()
 
     @property
     def reference(self) -> Path:
         return self.references[0]
+
+    @property
+    def subjects(self) -> tuple[SubjectEntry, ...]:
+        """All K subjects, the first one first."""
+        return (SubjectEntry(self.references, self.subject_class, self.subject), *self.extra_subjects)
+
+    def images(self) -> list[tuple[str, Path]]:
+        """(role, path) of every image: ``reference`` (``subjects[k].reference`` in the multi-subject form),
+        then ``target``; roles are the keys that name the file in messages."""
+        if self.extra_subjects:
+            roles = [
+                (f"{SUBJECTS_KEY}[{k}].reference", path)
+                for k, entry in enumerate(self.subjects)
+                for path in entry.references
+            ]
+        else:
+            roles = [("reference", path) for path in self.references]
+        if self.target is not None:
+            roles.append(("target", self.target))
+        return roles
 
     def to_json(self, base: str | Path) -> dict[str, Any]:
         """The JSONL object of this record with paths relative to ``base`` (the output file's folder)."""
         base = Path(base).absolute()
         refs = [_relative(path, base) for path in self.references]
         obj: dict[str, Any] = {"id": self.id}
-        if self.subject:
-            obj["subject"] = self.subject
-        obj["subject_class"] = self.subject_class
+        if self.extra_subjects:
+            obj[SUBJECTS_KEY] = [_subject_json(entry, base) for entry in self.subjects]
+        else:
+            if self.subject:
+                obj["subject"] = self.subject
+            obj["subject_class"] = self.subject_class
         if self.kind:
             obj["kind"] = self.kind
         obj["prompt"] = self.prompt
-        obj["reference"] = refs[0] if len(refs) == 1 else refs
+        if not self.extra_subjects:
+            obj["reference"] = refs[0] if len(refs) == 1 else refs
         if self.target is not None:
             obj["target"] = _relative(self.target, base)
         if self.split is not None:
@@ -124,6 +174,15 @@ class Record:
         if self.meta:
             obj["meta"] = dict(self.meta)
         return obj
+
+
+def _subject_json(entry: SubjectEntry, base: Path) -> dict[str, Any]:
+    refs = [_relative(path, base) for path in entry.references]
+    obj: dict[str, Any] = {"reference": refs[0] if len(refs) == 1 else refs}
+    obj["subject_class"] = entry.subject_class
+    if entry.subject:
+        obj["subject"] = entry.subject
+    return obj
 
 
 def _relative(path: Path, base: Path) -> str:
@@ -146,15 +205,22 @@ def record_from_json(
     if not isinstance(obj, dict):
         return None, [f"expected a JSON object, got {type(obj).__name__}"]
     errors: list[str] = []
-    missing = [key for key in REQUIRED_KEYS if key not in obj]
+    multi = SUBJECTS_KEY in obj
+    required = REQUIRED_KEYS if not multi else tuple(k for k in REQUIRED_KEYS if k not in SUBJECT_KEYS)
+    missing = [key for key in required if key not in obj]
     if missing:
         errors.append("missing key" + ("s " if len(missing) > 1 else " ") + ", ".join(map(repr, missing)))
-    allowed = REQUIRED_KEYS + OPTIONAL_KEYS
+    if multi:
+        both = [key for key in SUBJECT_KEYS if key in obj]
+        if both:
+            errors.append(
+                f"'{SUBJECTS_KEY}' and top-level {', '.join(map(repr, both))} are both given: name the "
+                f"subjects either in '{SUBJECTS_KEY}' or with top-level 'reference' and 'subject_class'"
+            )
+    allowed = REQUIRED_KEYS + OPTIONAL_KEYS + (SUBJECTS_KEY,)
     for key in obj:
         if key not in allowed:
-            close = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else f"; allowed keys: {', '.join(allowed)}"
-            errors.append(f"unknown key '{key}'{hint}")
+            errors.append(f"unknown key '{key}'{_hint(str(key), allowed)}")
 
     record_id = obj.get("id")
     if "id" in obj:
@@ -163,18 +229,8 @@ def record_from_json(
         if not isinstance(record_id, str) or not record_id.strip():
             errors.append(f"'id' must be a non-empty string, got {obj['id']!r}")
 
-    references: list[str] = []
-    if "reference" in obj:
-        value = obj["reference"]
-        values = value if isinstance(value, list) else [value]
-        if not values or not all(isinstance(v, str) and v.strip() for v in values):
-            errors.append(f"'reference' must be a path or a non-empty list of paths, got {value!r}")
-        else:
-            references = values
-
-    subject_class = obj.get("subject_class")
-    if "subject_class" in obj and (not isinstance(subject_class, str) or not subject_class.strip()):
-        errors.append(f"'subject_class' must be a non-empty string, got {subject_class!r}")
+    entries = _parse_subjects(obj[SUBJECTS_KEY], errors) if multi else [_parse_subject(obj, "", errors)]
+    references = entries[0][0] if entries else []
 
     prompt = obj.get("prompt")
     if "prompt" in obj:
@@ -186,7 +242,7 @@ def record_from_json(
     target = obj.get("target")
     if target is not None and (not isinstance(target, str) or not target.strip()):
         errors.append(f"'target' must be a path or null, got {target!r}")
-    for key in ("kind", "subject", "split"):
+    for key in ("kind", "split") if multi else ("kind", "subject", "split"):
         if key in obj and not isinstance(obj[key], str):
             errors.append(f"'{key}' must be a string, got {obj[key]!r}")
     if "meta" in obj and not isinstance(obj["meta"], dict):
@@ -201,20 +257,92 @@ def record_from_json(
         value = obj.get(key)
         return value.strip() if isinstance(value, str) else ""
 
+    subjects = [
+        SubjectEntry(tuple(_join(base, ref) for ref in refs), subject_class, subject or refs[0])
+        for refs, subject_class, subject in entries
+        if refs
+    ]
     record = Record(
         id=record_id if isinstance(record_id, str) and record_id.strip() else f"<line {line}>",
-        references=tuple(_join(base, ref) for ref in references),
-        subject_class=text("subject_class"),
+        references=subjects[0].references,
+        subject_class=subjects[0].subject_class,
         prompt=text("prompt"),
         target=_join(base, target) if target is not None else None,
         kind=text("kind"),
-        subject=text("subject") or references[0],
+        subject=subjects[0].subject,
         split=obj["split"] if isinstance(obj.get("split"), str) else None,
         meta=obj["meta"] if isinstance(obj.get("meta"), dict) else {},
         source=source,
         line=line,
+        extra_subjects=tuple(subjects[1:]) if multi else (),
     )
     return record, errors
+
+
+def _hint(key: str, allowed: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, allowed, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else f"; allowed keys: {', '.join(allowed)}"
+
+
+def _parse_subject(obj: Mapping[str, Any], where: str, errors: list[str]) -> tuple[list[str], str, str]:
+    """(reference paths as written, class, subject id) of one subject; ``where`` prefixes key names
+    (``"subjects[1]."``, or ``""`` for the top-level single-subject form). Problems go to ``errors``."""
+    references: list[str] = []
+    if "reference" in obj:
+        value = obj["reference"]
+        values = value if isinstance(value, list) else [value]
+        if not values or not all(isinstance(v, str) and v.strip() for v in values):
+            errors.append(f"'{where}reference' must be a path or a non-empty list of paths, got {value!r}")
+        else:
+            references = values
+    subject_class = obj.get("subject_class")
+    if "subject_class" in obj and (not isinstance(subject_class, str) or not subject_class.strip()):
+        errors.append(f"'{where}subject_class' must be a non-empty string, got {subject_class!r}")
+    subject = obj.get("subject")
+    if where and "subject" in obj and not isinstance(subject, str):
+        errors.append(f"'{where}subject' must be a string, got {subject!r}")
+    return (
+        references,
+        subject_class.strip() if isinstance(subject_class, str) else "",
+        subject.strip() if isinstance(subject, str) else "",
+    )
+
+
+def _parse_subjects(value: Any, errors: list[str]) -> list[tuple[list[str], str, str]]:
+    """The entries of a ``subjects`` list (one per subject, in order); problems go to ``errors``."""
+    if not isinstance(value, list) or not value:
+        errors.append(
+            f"'{SUBJECTS_KEY}' must be a non-empty list of {{reference, subject_class[, subject]}} objects, "
+            f"got {value!r}"
+        )
+        return []
+    if len(value) > MAX_SUBJECTS:
+        errors.append(
+            f"'{SUBJECTS_KEY}' lists {len(value)} subjects; a record may have at most {MAX_SUBJECTS}"
+        )
+    entries = []
+    for k, item in enumerate(value):
+        where = f"{SUBJECTS_KEY}[{k}]"
+        if not isinstance(item, dict):
+            errors.append(
+                f"'{where}' must be a JSON object with 'reference' and 'subject_class', got {item!r}"
+            )
+            entries.append(([], "", ""))
+            continue
+        missing = [key for key in SUBJECT_KEYS[:2] if key not in item]
+        if missing:
+            errors.append(
+                f"'{where}' is missing key"
+                + ("s " if len(missing) > 1 else " ")
+                + ", ".join(map(repr, missing))
+            )
+        for key in item:
+            if key not in SUBJECT_KEYS:
+                errors.append(f"unknown key '{where}.{key}'{_hint(str(key), SUBJECT_KEYS)}")
+        entries.append(_parse_subject(item, where + ".", errors))
+    if entries and not entries[0][0]:
+        return []  # without the first subject's images the record has no primary reference
+    return entries
 
 
 def _join(base: Path, path: str) -> Path:
@@ -403,10 +531,7 @@ def missing_files(records: Sequence[Record]) -> list[Problem]:
     exists: dict[Path, bool] = {}
     uses: dict[tuple[str, str, Path], list[int]] = {}
     for record in records:
-        roles = [("reference", p) for p in record.references]
-        if record.target is not None:
-            roles.append(("target", record.target))
-        for role, path in roles:
+        for role, path in record.images():
             if path not in exists:
                 exists[path] = path.is_file()
             if not exists[path]:
@@ -514,18 +639,26 @@ class JsonlDataset:
             raise IndexError(f"index {index} out of range for a dataset of {len(self)} examples")
         record = self.records[index]
         target = record.target
+        extra = record.extra_subjects
         return Example(
             id=record.id,
-            subject_id=record.subject,
+            # a multi-subject example's subject is the combination: records of the same subjects share it
+            subject_id="+".join(entry.subject for entry in record.subjects) if extra else record.subject,
             subject_class=record.subject_class,
             prompt=record.prompt,
             reference=self._load(record, "reference", record.references[0]),
             target=self._load(record, "target", target) if target is not None else None,
             kind=record.kind,
+            extra_references=tuple(
+                self._load(record, f"{SUBJECTS_KEY}[{k}].reference", entry.references[0])
+                for k, entry in enumerate(extra, start=1)
+            ),
+            extra_classes=tuple(entry.subject_class for entry in extra),
         )
 
     def references(self, index: int) -> list[torch.Tensor]:
-        """All reference images of example ``index`` (``[3, H, W]``); the first is ``Example.reference``."""
+        """All reference images of example ``index``'s first subject (``[3, H, W]``); the first is
+        ``Example.reference`` (the other subjects' are in ``record(index).extra_subjects``)."""
         record = self.records[index]
         return [self._load(record, "reference", path) for path in record.references]
 

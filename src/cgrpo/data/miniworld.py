@@ -492,11 +492,13 @@ def _pixel_offsets(image_size: int) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def draw(subject: Subject, spec: PromptSpec, image_size: int) -> np.ndarray:
-    """``[H, W, 3]`` float32 in [0, 1]: ``subject`` drawn as ``spec`` asks (the ground truth)."""
+def _subject_index(
+    subject: Subject, spec: PromptSpec, image_size: int, centre: tuple[float, float], extent: float
+) -> np.ndarray:
+    """``[H, W]`` int64: 0 background, 1 body, 2 pattern, 3 mark of ``subject`` at ``centre``, ``extent``."""
     x, y = _pixel_offsets(image_size)
-    cx, cy = spec.centre
-    half = spec.extent / 2.0
+    cx, cy = centre
+    half = extent / 2.0
     u = (x - (cx - 0.5)) / half
     v = (y - (cy - 0.5)) / half
     if spec.upside_down:
@@ -505,18 +507,21 @@ def draw(subject: Subject, spec: PromptSpec, image_size: int) -> np.ndarray:
     pattern = PATTERNS[spec.pattern or subject.pattern](u, v)
     mu, mv = MARK_POSITIONS[subject.mark]
     mark = (np.abs(u - mu) <= MARK_HALF) & (np.abs(v - mv) <= MARK_HALF)
-    # index 0 background, 1 body, 2 pattern, 3 mark; a palette lookup keeps it one vectorised gather
-    index = body.astype(np.int64) * (1 + (pattern & ~mark) + 2 * mark)
-    palette = np.array(
-        [
-            spec.background_rgb,
-            COLORS[spec.color or subject.body_color],
-            COLORS[subject.pattern_color],
-            COLORS[subject.mark_color],
-        ],
-        dtype=np.float32,
-    )
-    return palette[index]
+    return body.astype(np.int64) * (1 + (pattern & ~mark) + 2 * mark)
+
+
+def _palette(subject: Subject, spec: PromptSpec, background: tuple[float, float, float]) -> np.ndarray:
+    """``[4, 3]`` float32 colours of the indices of :func:`_subject_index`."""
+    colours = [background, COLORS[spec.color or subject.body_color]]
+    colours += [COLORS[subject.pattern_color], COLORS[subject.mark_color]]
+    return np.array(colours, dtype=np.float32)
+
+
+def draw(subject: Subject, spec: PromptSpec, image_size: int) -> np.ndarray:
+    """``[H, W, 3]`` float32 in [0, 1]: ``subject`` drawn as ``spec`` asks (the ground truth)."""
+    index = _subject_index(subject, spec, image_size, spec.centre, spec.extent)
+    # a palette lookup keeps it one vectorised gather
+    return _palette(subject, spec, spec.background_rgb)[index]
 
 
 def _detail_options(subject: Subject, detail: str) -> list[Subject]:
@@ -560,6 +565,242 @@ def to_chw(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
 
+# ---------------------------------------------------------------------------------------------- scenes
+# Scenes put two or three subjects in one image. Their grammar has its own version, recorded beside
+# WORLD_VERSION (``data.options.scene_version``), so that multi-subject results are never mixed with
+# single-subject ones or with those of another scene grammar; single-subject data does not depend on it.
+SCENE_VERSION = 1
+MAX_SCENE_SUBJECTS = 3
+# relation -> subject centres (x, y), in the order the prompt names the subjects
+SCENE_LAYOUTS: dict[str, tuple[tuple[float, float], ...]] = {
+    "and": ((0.25, 0.5), (0.75, 0.5)),  # side by side; the order of the words is not asked
+    "left of": ((0.25, 0.5), (0.75, 0.5)),
+    "right of": ((0.75, 0.5), (0.25, 0.5)),
+    "above": ((0.5, 0.25), (0.5, 0.75)),
+    "below": ((0.5, 0.75), (0.5, 0.25)),
+}
+ROW_LAYOUT = ((0.18, 0.5), (0.5, 0.5), (0.82, 0.5))  # three subjects, left to right
+SCENE_EXTENTS = {2: 0.4, 3: 0.28}  # subject side as a fraction of the image side: they never touch
+RELATIONS_2 = ("and", "left of", "right of", "above", "below")
+RELATIONS_3 = ("and", "in a row")
+
+
+@dataclass(frozen=True)
+class ScenePrompt:
+    """A parsed scene prompt: one clause per subject (its shape and asked look only), how they are placed,
+    and the shared background (a ``CONTEXTS`` phrase or None).
+
+    Two subjects: ``"<clause> <relation> <clause> [<context>]"``, relation one of ``RELATIONS_2``
+    ("a red heart left of a striped circle", "a heart and a circle on a blue floor"). Three:
+    ``"<clause>, <clause> and <clause> [in a row] [<context>]"``. A clause is a single-subject prompt
+    without size, corner or context: ``a [<colour>] [striped] <shape> [upside down]``. "and" places the
+    subjects side by side in the order named (the ground truth) without asking for that order; the other
+    relations ask for it.
+    """
+
+    clauses: tuple[PromptSpec, ...]
+    relation: str = "and"
+    background: str | None = None
+
+    def __post_init__(self) -> None:
+        k = len(self.clauses)
+        allowed = RELATIONS_2 if k == 2 else RELATIONS_3 if k == 3 else ()
+        if self.relation not in allowed:
+            raise ValueError(
+                f"a scene of {k} subjects takes a relation among {allowed or '(none: 2 or 3 subjects)'}, "
+                f"got {self.relation!r}"
+            )
+        for clause in self.clauses:
+            if clause.position is not None or clause.size is not None or clause.background is not None:
+                raise ValueError(
+                    f"scene clause {format_prompt(clause)!r} may not ask for a corner, size or context"
+                )
+
+    @property
+    def num_subjects(self) -> int:
+        return len(self.clauses)
+
+    @property
+    def placed(self) -> bool:
+        """Whether the prompt asks where each subject goes (every relation but "and")."""
+        return self.relation != "and"
+
+    @property
+    def centres(self) -> tuple[tuple[float, float], ...]:
+        return ROW_LAYOUT if self.num_subjects == 3 else SCENE_LAYOUTS[self.relation]
+
+    @property
+    def extent(self) -> float:
+        return SCENE_EXTENTS[self.num_subjects]
+
+    @property
+    def background_rgb(self) -> tuple[float, float, float]:
+        return CONTEXTS[self.background] if self.background is not None else DEFAULT_BACKGROUND
+
+    @property
+    def kind(self) -> str:
+        """``plain``, the single kind asked (``placement``, ``context``, ``property``) or ``combo``."""
+        kinds = ["placement"] * self.placed + ["context"] * (self.background is not None)
+        for clause in self.clauses:
+            kinds += ["property"] * sum(
+                value is not None for value in (clause.color, clause.pattern, clause.upside_down)
+            )
+        if not kinds:
+            return "plain"
+        return kinds[0] if len(kinds) == 1 else "combo"
+
+
+def format_scene(scene: ScenePrompt) -> str:
+    """The grammar's text of ``scene`` (inverse of :func:`parse_scene`)."""
+    clauses = [format_prompt(clause) for clause in scene.clauses]
+    if scene.num_subjects == 2:
+        text = f"{clauses[0]} {scene.relation} {clauses[1]}"
+    else:
+        text = f"{clauses[0]}, {clauses[1]} and {clauses[2]}"
+        if scene.relation == "in a row":
+            text += " in a row"
+    return text if scene.background is None else f"{text} {scene.background}"
+
+
+def is_scene_prompt(prompt: str) -> bool:
+    """Whether ``prompt`` names several subjects (single-subject prompts have no relation word or comma)."""
+    words = prompt.replace(",", " , ").split()
+    return any(w in (",", "and", "above", "below", "of") for w in words)
+
+
+def parse_scene(prompt: str) -> ScenePrompt:
+    """Parse a scene prompt (:class:`ScenePrompt`); raises ValueError naming what is outside the grammar."""
+    text = " ".join(prompt.replace(",", " , ").split())
+    background = None
+    for phrase in CONTEXTS:
+        if text.endswith(" " + phrase):
+            background, text = phrase, text[: -len(phrase) - 1]
+            break
+    relation = "and"
+    if text.endswith(" in a row"):
+        relation, text = "in a row", text[: -len(" in a row")]
+    if " , " in text:
+        first, _, rest = text.partition(" , ")
+        parts = [first, *rest.split(" and ")]
+        if len(parts) != 3:
+            raise ValueError(f"mini-world scene {prompt!r}: three subjects read 'a X, a Y and a Z'")
+    else:
+        parts = []
+        for word in RELATIONS_2:
+            if f" {word} " in text:
+                parts = text.split(f" {word} ")
+                relation = word if relation == "and" else relation  # "in a row" needs three subjects
+                break
+        if len(parts) != 2 or relation == "in a row":
+            raise ValueError(
+                f"mini-world scene {prompt!r}: expected two subjects joined by one of "
+                f"{', '.join(RELATIONS_2)} or three as 'a X, a Y and a Z [in a row]'"
+            )
+    clauses = tuple(parse_prompt(part) for part in parts)
+    return ScenePrompt(clauses, relation, background)
+
+
+def scene_vocabulary() -> list[str]:
+    """Every word of single-subject and scene prompts, sorted (``vocabulary()`` stays the single-subject
+    world's, which the committed mini base's tokenizer was built from)."""
+    return sorted({*vocabulary(), "and", "left", "right", "of", "above", "below", "row"})
+
+
+def draw_scene(subjects: Sequence[Subject], scene: ScenePrompt, image_size: int) -> np.ndarray:
+    """``[H, W, 3]`` float32 in [0, 1]: each subject drawn as its clause asks, at its place in ``scene``."""
+    image = np.empty((image_size, image_size, 3), dtype=np.float32)
+    image[:] = np.asarray(scene.background_rgb, dtype=np.float32)
+    for subject, clause, centre in zip(subjects, scene.clauses, scene.centres, strict=True):
+        index = _subject_index(subject, clause, image_size, centre, scene.extent)
+        colours = _palette(subject, clause, scene.background_rgb)[index]
+        image = np.where((index > 0)[..., None], colours, image)
+    return image
+
+
+def _scene_property(subjects: Sequence[Subject], rng: np.random.Generator, clauses: list[PromptSpec]) -> bool:
+    """Ask one subject (drawn at random) for a property change, in place; False if none can change."""
+    order = rng.permutation(len(subjects))
+    for j in order:
+        groups = _property_groups(subjects[j])
+        if groups:
+            group = groups[int(rng.integers(len(groups)))]
+            clauses[j] = group[int(rng.integers(len(group)))]
+            return True
+    return False
+
+
+def _scene_contexts(subjects: Sequence[Subject], clauses: Sequence[PromptSpec]) -> list[str]:
+    return [
+        b
+        for b in CONTEXTS
+        if all(
+            _context_ok(b, [c.color or s.body_color, s.pattern_color, s.mark_color])
+            for s, c in zip(subjects, clauses, strict=True)
+        )
+    ]
+
+
+def sample_scene(
+    subjects: Sequence[Subject],
+    rng: np.random.Generator,
+    kinds: Sequence[str] | None = None,
+    property_rate: float = 1.0,
+) -> tuple[ScenePrompt, str]:
+    """(scene, kind) for 2 or 3 ``subjects`` of distinct shapes: a kind uniformly from ``kinds``, then
+    what it asks (combo: two of property / placement / context); ``property_rate`` as in
+    :func:`sample_prompt`."""
+    if not 0.0 < property_rate <= 1.0:
+        raise ValueError(f"mini-world property_rate must be in (0, 1], got {property_rate}")
+    kinds = _check_kinds(kinds)
+    relations = RELATIONS_2 if len(subjects) == 2 else RELATIONS_3
+    while True:
+        kind = kinds[int(rng.integers(len(kinds)))]
+        asked = {"plain": (), "context": ("context",), "placement": ("placement",)}.get(kind)
+        if kind == "property":
+            asked = ("property",)
+        elif kind == "combo":
+            pairs = (("property", "context"), ("property", "placement"), ("placement", "context"))
+            asked = pairs[int(rng.integers(len(pairs)))]
+        clauses = [PromptSpec(s.shape) for s in subjects]
+        if "property" in asked and not _scene_property(subjects, rng, clauses):
+            continue
+        relation = "and"
+        if "placement" in asked:
+            relation = relations[1 + int(rng.integers(len(relations) - 1))]
+        background = None
+        if "context" in asked:
+            options = _scene_contexts(subjects, clauses)
+            if not options:
+                continue
+            background = options[int(rng.integers(len(options)))]
+        if "property" in asked and property_rate < 1.0 and _uniform(rng) >= property_rate:
+            continue
+        return ScenePrompt(tuple(clauses), relation, background), kind
+
+
+def _partners(
+    first: Subject, by_shape: dict[str, list[Subject]], count: int, rng: np.random.Generator
+) -> list[Subject]:
+    """``count`` subjects of shapes distinct from ``first``'s and from each other (a scene names shapes)."""
+    chosen = [first]
+    for _ in range(count):
+        shapes = [shape for shape in by_shape if shape not in {s.shape for s in chosen}]
+        if not shapes:
+            raise ValueError(
+                f"a mini-world scene of {count + 1} subjects needs {count + 1} distinct shapes in the split"
+            )
+        pool = by_shape[shapes[int(rng.integers(len(shapes)))]]
+        chosen.append(pool[int(rng.integers(len(pool)))])
+    return chosen[1:]
+
+
+def _by_shape(subjects: Sequence[Subject]) -> dict[str, list[Subject]]:
+    groups: dict[str, list[Subject]] = {}
+    for subject in subjects:
+        groups.setdefault(subject.shape, []).append(subject)
+    return groups
+
+
 # ----------------------------------------------------------------------------------------------- world
 @functools.cache
 def _identities() -> tuple[tuple[str, str, str, str, str, str], ...]:
@@ -599,7 +840,12 @@ class MiniWorld:
         num_test_subjects: int = 64,
         seed: int = 0,
         version: int = WORLD_VERSION,
+        subjects: int = 1,
+        scene_version: int = SCENE_VERSION,
     ) -> None:
+        """``subjects``: subjects per image of :meth:`dataset` and :meth:`eval_set` (1, the default: the
+        single-subject world; 2 or 3: scenes, see :meth:`scene_dataset`); ``scene_version`` must be this
+        release's ``SCENE_VERSION`` (it is only read when ``subjects`` > 1)."""
         if version != WORLD_VERSION:
             raise ValueError(
                 f"mini world version {version} is not this release's ({WORLD_VERSION}); results of different "
@@ -607,6 +853,16 @@ class MiniWorld:
             )
         if image_size < 16:
             raise ValueError(f"mini-world image_size must be at least 16, got {image_size}")
+        if not 1 <= subjects <= MAX_SCENE_SUBJECTS:
+            raise ValueError(f"mini-world subjects must be 1, 2 or 3 per image, got {subjects}")
+        if subjects > 1 and scene_version != SCENE_VERSION:
+            raise ValueError(
+                f"mini-world scene_version {scene_version} is not this release's ({SCENE_VERSION}); results "
+                "of different scene grammars are not comparable: set data.options.scene_version to "
+                f"{SCENE_VERSION}"
+            )
+        self.subjects_per_image = subjects
+        self.scene_version = scene_version
         identities = _identities()
         wanted = num_train_subjects + num_test_subjects
         if num_train_subjects < 0 or num_test_subjects < 0 or wanted > len(identities):
@@ -653,6 +909,18 @@ class MiniWorld:
             raise ValueError(f"prompt asks for a {spec.shape} but subject {subject.id} is a {subject.shape}")
         return to_chw(draw(subject, spec, self.image_size))
 
+    def render_scene(self, subjects: Sequence[Subject], prompt: str | ScenePrompt) -> torch.Tensor:
+        """``[3, H, W]`` float32 in [0, 1]: a scene's ground truth, ``subjects`` in the prompt's order."""
+        scene = parse_scene(prompt) if isinstance(prompt, str) else prompt
+        if len(subjects) != scene.num_subjects:
+            raise ValueError(f"scene names {scene.num_subjects} subjects but {len(subjects)} were given")
+        for subject, clause in zip(subjects, scene.clauses, strict=True):
+            if clause.shape != subject.shape:
+                raise ValueError(
+                    f"scene asks for a {clause.shape} where subject {subject.id} is a {subject.shape}"
+                )
+        return to_chw(draw_scene(subjects, scene, self.image_size))
+
     def sample_prompt(
         self, subject: Subject, rng: np.random.Generator | torch.Generator, kinds: Sequence[str] | None = None
     ) -> tuple[str, str]:
@@ -678,7 +946,13 @@ class MiniWorld:
           (:func:`drift_subject`);
         - ``copy_paste``: the share of targets that ignore the prompt and show the subject as in its
           reference (centred, default size and look, grey background), the copy-paste pairs of synthetic data.
+
+        A world of several ``subjects`` per image gives :meth:`scene_dataset` with the same arguments.
         """
+        if self.subjects_per_image > 1:
+            return self.scene_dataset(
+                split, prompts_per_subject, kinds, seed, property_rate, detail_drift, copy_paste
+            )
         kinds = _check_kinds(kinds)
         for name, share in (("detail_drift", detail_drift), ("copy_paste", copy_paste)):
             if not 0.0 <= share <= 1.0:
@@ -703,7 +977,10 @@ class MiniWorld:
         """A fixed held-out set: ``num_subjects`` test subjects x every kind x ``prompts_per_kind`` prompts.
 
         The prompts of a (subject, kind) go round its groups (e.g. recolour, striped, upside down).
+        A world of several ``subjects`` per image gives :meth:`scene_eval_set` with the same arguments.
         """
+        if self.subjects_per_image > 1:
+            return self.scene_eval_set(num_subjects, prompts_per_kind, seed)
         rng = np.random.default_rng(seed)
         count = min(num_subjects, len(self.test_subjects))
         picked = sorted(rng.choice(len(self.test_subjects), size=count, replace=False).tolist())
@@ -718,6 +995,80 @@ class MiniWorld:
                     prompt = group[int(rng.integers(len(group)))]
                     entries.append((subject, prompt, kind, subject, prompt))
         return MiniWorldDataset(self, entries)
+
+    def scene_dataset(
+        self,
+        split: str = "train",
+        prompts_per_subject: int = 8,
+        kinds: Sequence[str] | None = None,
+        seed: int = 0,
+        property_rate: float = 1.0,
+        detail_drift: float = 0.0,
+        copy_paste: float = 0.0,
+        subjects: int | None = None,
+    ) -> MiniSceneDataset:
+        """Multi-subject scenes: each subject of ``split`` leads ``prompts_per_subject`` scenes, its partners
+        (``subjects`` - 1 of them, default: the world's ``subjects``, at least 2) drawn from the same split
+        with distinct shapes; deterministic for ``seed``.
+
+        The imperfect-pair options act as in :meth:`dataset`: ``property_rate`` keeps a drawn edit of one
+        subject's look with that probability; ``detail_drift`` redraws two details of each subject of a
+        target independently with that probability; ``copy_paste`` is the share of targets that paste each
+        subject's reference at its place, ignoring the edits and the context.
+        """
+        count = self._scene_count(subjects)
+        kinds = _check_kinds(kinds)
+        for name, share in (("detail_drift", detail_drift), ("copy_paste", copy_paste)):
+            if not 0.0 <= share <= 1.0:
+                raise ValueError(f"mini-world {name} must be in [0, 1], got {share}")
+        code = 0 if split == "train" else 1
+        pool = self.subjects(split)
+        by_shape = _by_shape(pool)
+        entries = []
+        for i, first in enumerate(pool):
+            rng = np.random.default_rng([seed, code, i, count])
+            for _ in range(prompts_per_subject):
+                members = (first, *_partners(first, by_shape, count - 1, rng))
+                scene, kind = sample_scene(members, rng, kinds, property_rate)
+                drawn = tuple(
+                    drift_subject(s, rng) if detail_drift > 0 and _uniform(rng) < detail_drift else s
+                    for s in members
+                )
+                shown = scene
+                if copy_paste > 0 and _uniform(rng) < copy_paste:
+                    shown = ScenePrompt(tuple(PromptSpec(c.shape) for c in scene.clauses), scene.relation)
+                entries.append((members, format_scene(scene), kind, drawn, shown))
+        return MiniSceneDataset(self, entries)
+
+    def scene_eval_set(
+        self,
+        num_subjects: int = 16,
+        prompts_per_kind: int = 1,
+        seed: int = 1234,
+        subjects: int | None = None,
+    ) -> MiniSceneDataset:
+        """A fixed held-out set of scenes: ``num_subjects`` test subjects, each with fixed partners (other
+        test subjects of distinct shapes), x every kind x ``prompts_per_kind`` prompts; exact targets."""
+        count = self._scene_count(subjects)
+        rng = np.random.default_rng([seed, count])
+        number = min(num_subjects, len(self.test_subjects))
+        picked = sorted(rng.choice(len(self.test_subjects), size=number, replace=False).tolist())
+        by_shape = _by_shape(self.test_subjects)
+        entries = []
+        for index in picked:
+            first = self.test_subjects[index]
+            members = (first, *_partners(first, by_shape, count - 1, rng))
+            for kind in KINDS:
+                for _ in range(prompts_per_kind):
+                    scene, _ = sample_scene(members, rng, (kind,))
+                    entries.append((members, format_scene(scene), kind, members, scene))
+        return MiniSceneDataset(self, entries)
+
+    def _scene_count(self, subjects: int | None) -> int:
+        count = subjects if subjects is not None else max(2, self.subjects_per_image)
+        if not 2 <= count <= MAX_SCENE_SUBJECTS:
+            raise ValueError(f"a mini-world scene has 2 or 3 subjects, got {count}")
+        return count
 
 
 class MiniWorldDataset:
@@ -754,3 +1105,46 @@ class MiniWorldDataset:
     @property
     def subjects(self) -> list[Subject]:
         return [subject for subject, *_ in self.entries]
+
+
+class MiniSceneDataset:
+    """A ``SubjectDataset`` of multi-subject scenes over (subjects, prompt, kind, the subjects drawn in the
+    target, the scene the target shows) entries; images are rendered on access (see
+    :meth:`MiniWorld.scene_dataset`). An example's ``subject_id`` joins its subjects' ids with ``+``."""
+
+    def __init__(
+        self,
+        world: MiniWorld,
+        entries: Sequence[tuple[tuple[Subject, ...], str, str, tuple[Subject, ...], ScenePrompt]],
+    ) -> None:
+        self.world = world
+        self.entries = list(entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> Example:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"mini-world scene index {index} out of range for {len(self)} examples")
+        members, prompt, kind, drawn, shown = self.entries[index]
+        first, *rest = members
+        group = "+".join(s.id for s in members)
+        return Example(
+            id=f"{group}/{index % len(self)}",
+            subject_id=group,
+            subject_class=first.shape,
+            prompt=prompt,
+            reference=self.world.reference(first),
+            target=self.world.render_scene(drawn, shown),
+            kind=kind,
+            extra_references=tuple(self.world.reference(s) for s in rest),
+            extra_classes=tuple(s.shape for s in rest),
+        )
+
+    def __iter__(self):
+        for index in range(len(self)):
+            yield self[index]
+
+    @property
+    def subjects(self) -> list[tuple[Subject, ...]]:
+        return [members for members, *_ in self.entries]

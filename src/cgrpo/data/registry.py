@@ -49,11 +49,13 @@ def mini_dataset(
     num_test_subjects: int = 64,
     prompts_per_subject: int = 8,
     seed: int = 0,
+    subjects: int = 1,
 ) -> SubjectDataset:
-    """The procedural mini world (CPU): subjects, prompts of every kind and ground-truth targets."""
+    """The procedural mini world (CPU): subjects, prompts of every kind and ground-truth targets;
+    ``subjects`` 2 or 3 gives multi-subject scenes."""
     from cgrpo.data.miniworld import MiniWorld
 
-    world = MiniWorld(image_size, num_train_subjects, num_test_subjects, seed=seed)
+    world = MiniWorld(image_size, num_train_subjects, num_test_subjects, seed=seed, subjects=subjects)
     return world.dataset(split, prompts_per_subject=prompts_per_subject, seed=seed)
 
 

@@ -5,8 +5,9 @@ opens every image once (PIL ``verify`` and a full decode) and raises one :class:
 message lists every problem as ``FILE:LINE[,LINE...]: message``:
 
 - bad JSON, a non-object line, non-UTF-8 text, missing or unknown keys, wrong value types, an empty
-  prompt, duplicate ids (naming the first line with that id);
-- a missing image file, an unreadable or corrupt or truncated image;
+  prompt, duplicate ids (naming the first line with that id); in the multi-subject form (``subjects``)
+  also both forms at once, an empty list, more than 4 subjects, a subject without reference or class;
+- a missing image file, an unreadable or corrupt or truncated image (every subject's images are checked);
 - a mode without a faithful RGB conversion: CMYK, transparent pixels (RGBA/LA/PA, or a palette image
   with a transparent colour), 16-bit or float images;
 - an image smaller than ``image_size`` when a size is required (it would have to be upscaled).
@@ -189,14 +190,12 @@ def check_dataset(
     # Each image is opened once, however many records use it; problems name every line that uses it.
     uses: dict[Path, list[tuple[Record, str]]] = {}
     for record in records:
-        for path in record.references:
-            uses.setdefault(path, []).append((record, "reference"))
-        if record.target is not None:
-            uses.setdefault(record.target, []).append((record, "target"))
-            if record.target in record.references:
-                report.warnings.append(
-                    Problem(record.source, (record.line,), f"target {record.target} is also its reference")
-                )
+        for role, path in record.images():  # every subject's references (multi-subject form), then target
+            uses.setdefault(path, []).append((record, role))
+        if record.target is not None and any(record.target in e.references for e in record.subjects):
+            report.warnings.append(
+                Problem(record.source, (record.line,), f"target {record.target} is also its reference")
+            )
     min_size = image_hw(image_size) if image_size is not None else None
     paths = list(uses)
     # Decoding releases the GIL, so a few threads help on large datasets.

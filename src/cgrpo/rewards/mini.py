@@ -22,6 +22,14 @@ faithful recolour's share (``None`` gives version 1's term).
 
 The property prompts ("a red heart", "a striped heart", "a heart upside down") are where the two fight: the
 faithful image changes exactly the features ``mini_id`` compares, and the copy fails what the prompt asks.
+
+**Scenes** (several subjects per image, ``cgrpo.data.miniworld.ScenePrompt``). ``mini_id``'s
+``score_subjects`` scores each subject: every connected foreground component is a candidate, scored
+against every reference with the identity similarity above; components are assigned to subjects by
+optimal assignment (``scipy.optimize.linear_sum_assignment``, one component per subject), and a subject
+left without a component scores 0. ``mini_prompt`` matches components to the scene's clauses by their
+outline (class) the same way and scores each clause's asked look and place on its component, plus the
+scene's background, presence and quality. Single-subject prompts score exactly as before.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
+from scipy.optimize import linear_sum_assignment
 
 from cgrpo.data import miniworld as mw
 from cgrpo.rewards.base import BatchReward, ImageBatch, RewardBatch, check_batch, register, to_tensor
@@ -48,6 +57,12 @@ PROMPT_WEIGHTS = {"asked": 0.65, "base": 0.35}
 FAITHFUL_COLOR_SHARE = 0.3
 
 HISTOGRAM_BINS = 3  # per channel, at 0, 0.5, 1: 27 colour bins
+
+MAX_COMPONENTS = 8  # candidate subjects per image in scenes: the largest components (noise makes many)
+# A component "matches" a reference at this identity similarity (see subject_assignment): a scene's
+# subjects (distinct shapes) score 0.17-0.5 against each other's references, a faithfully drawn subject
+# 0.84-0.95 against its own at a scene's size.
+CONFUSION_THRESHOLD = 0.6
 
 
 # ---------------------------------------------------------------------------------------- segmentation
@@ -244,6 +259,61 @@ def combine(scores: Mapping[str, torch.Tensor], weights: Mapping[str, float]) ->
     return sum(scores[k] * (w / total) for k, w in weights.items())
 
 
+# ------------------------------------------------------------------------------------------ components
+_FOUR_CONNECTED = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]])
+
+
+def foreground_components(seg: Segmentation, max_components: int = MAX_COMPONENTS) -> list[list[np.ndarray]]:
+    """Per image of a segmented batch: its subject-sized foreground components (4-connected, at least
+    ``KEEP_FRACTION`` of the largest, as in ``segment``'s mask) as ``[H, W]`` bool masks, largest first,
+    at most ``max_components``."""
+    out = []
+    for foreground in seg.foreground.numpy():
+        labels, count = ndimage.label(foreground, structure=_FOUR_CONNECTED)
+        sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+        order = [int(i) for i in np.argsort(-sizes, kind="stable") if sizes[i] >= KEEP_FRACTION * sizes.max()]
+        out.append([labels == i + 1 for i in order[:max_components]])
+    return out
+
+
+def isolate(
+    images: torch.Tensor, background: torch.Tensor, owner: Sequence[int], masks: Sequence[np.ndarray]
+) -> torch.Tensor:
+    """``[M, 3, H, W]``: image ``owner[m]`` with everything but component ``masks[m]`` painted its
+    background colour, so that ``segment`` finds exactly that component as the subject."""
+    if not masks:
+        return images[:0]
+    owner_t = torch.as_tensor(list(owner), dtype=torch.long)
+    keep = torch.from_numpy(np.stack(masks))[:, None]
+    return torch.where(keep, images[owner_t], background[owner_t][:, :, None, None])
+
+
+def subject_assignment(
+    similarity: np.ndarray, threshold: float = CONFUSION_THRESHOLD
+) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Assign candidate components to subjects from ``similarity`` ``[C, K]`` (component x subject).
+
+    Returns (scores ``[K]``: each subject's similarity to its assigned component, 0 when none is left for
+    it; ``assigned`` ``[K]``: the component index or -1; ``missing``: subjects without a component;
+    ``confused``: subjects drawn twice). A subject k is *drawn twice* when at least two components match
+    it best (argmax over subjects) with similarity >= ``threshold`` while some other subject scores below
+    ``threshold`` (it is missing or only weakly matched): one subject took another's place.
+    """
+    c, k = similarity.shape
+    scores, assigned = np.zeros(k), np.full(k, -1)
+    if c:
+        rows, cols = linear_sum_assignment(similarity, maximize=True)
+        scores[cols], assigned[cols] = similarity[rows, cols], rows
+    confused = 0
+    if c and k > 1:
+        best = similarity.argmax(1)
+        for j in range(k):
+            copies = int(((best == j) & (similarity[:, j] >= threshold)).sum())
+            if copies >= 2 and (np.delete(scores, j) < threshold).any():
+                confused += 1
+    return scores, assigned, int((assigned < 0).sum()), confused
+
+
 # --------------------------------------------------------------------------------------- prompt scores
 @functools.lru_cache(maxsize=4096)
 def _parse(prompt: str) -> mw.PromptSpec | None:
@@ -408,6 +478,128 @@ def prompt_total(
     return torch.where(scores["valid"] > 0, total, torch.full_like(total, float("nan")))
 
 
+# --------------------------------------------------------------------------------------- scene prompts
+@functools.lru_cache(maxsize=4096)
+def _parse_scene(prompt: str) -> mw.ScenePrompt | None:
+    if not mw.is_scene_prompt(prompt):
+        return None
+    try:
+        return mw.parse_scene(prompt)
+    except ValueError:
+        return None
+
+
+def _asked_keys(scene: mw.ScenePrompt, j: int) -> list[str]:
+    clause = scene.clauses[j]
+    keys = ["position"] * scene.placed + ["color"] * (clause.color is not None)
+    return keys + ["pattern"] * (clause.pattern is not None) + ["upside_down"] * bool(clause.upside_down)
+
+
+def scene_prompt_scores(
+    image: torch.Tensor,
+    scene: mw.ScenePrompt,
+    canonical_size: int = CANONICAL_SIZE,
+    threshold: float = FOREGROUND_THRESHOLD,
+    faithful_color_share: float | None = FAITHFUL_COLOR_SHARE,
+) -> dict[str, object]:
+    """Prompt scores of one image ``[3, S, S]`` for a scene: ``clauses`` (one dict per subject of its
+    ``class`` and asked ``position``, ``color``, ``pattern``, ``upside_down``, 0 for a subject without a
+    component), ``background`` (None when not asked), ``presence``, ``quality``, ``assigned``.
+
+    Components are matched to clauses by outline (the class score, best of upright and flipped) with
+    optimal assignment, so a subject drawn at the other's place keeps its class but loses its position.
+    """
+    batch = image[None]
+    seg = segment(batch, threshold)
+    masks = foreground_components(seg, MAX_COMPONENTS)[0]
+    k = scene.num_subjects
+    if not masks:  # a blank image: nothing is present
+        clauses = [{"class": 0.0, **{key: 0.0 for key in _asked_keys(scene, j)}} for j in range(k)]
+        background = None if scene.background is None else 0.0
+        return {
+            "clauses": clauses,
+            "background": background,
+            "presence": 0.0,
+            "quality": 0.0,
+            "assigned": (-1,) * k,
+        }
+    candidates = isolate(batch, seg.background, [0] * len(masks), masks)
+    parts = segment(candidates, threshold)
+    colours, mask = canonical(candidates, parts, canonical_size)
+    protos = torch.stack([prototype(c.shape, canonical_size) for c in scene.clauses])  # [K, C, C]
+    m, c2 = len(masks), canonical_size
+    pairs = mask[:, None].expand(m, k, c2, c2).reshape(m * k, c2, c2)
+    upright = soft_iou(pairs, protos[None].expand(m, k, c2, c2).reshape(m * k, c2, c2)).view(m, k)
+    flipped = soft_iou(pairs, protos.flip(1)[None].expand(m, k, c2, c2).reshape(m * k, c2, c2)).view(m, k)
+    class_matrix = torch.maximum(upright, flipped)  # [M, K]
+    assigned = np.full(k, -1)
+    if len(masks):
+        rows, cols = linear_sum_assignment(class_matrix.numpy(), maximize=True)
+        assigned[cols] = rows
+    top, bottom, left, right = parts.box.unbind(1)
+    centres = torch.stack([(left + right) / 2, (top + bottom) / 2], dim=1)
+    stripes = stripe_score(colours, mask) if len(masks) else torch.zeros(0)
+    clauses = []
+    for j, clause in enumerate(scene.clauses):
+        c = int(assigned[j])
+        found = c >= 0
+        scores: dict[str, float] = {"class": float(class_matrix[c, j]) if found else 0.0}
+        if scene.placed:
+            target = torch.tensor(scene.centres[j], dtype=torch.float32)
+            scores["position"] = float(soft_gaussian((centres[c] - target).norm(), 0.1)) if found else 0.0
+        if clause.color is not None:
+            share = 0.0
+            if found:
+                body = torch.tensor(mw.COLORS[clause.color])[:, None, None]
+                near = soft_gaussian(channel_norm((candidates[c] - body)[None])[0], 0.15)
+                share = float((near * parts.mask[c]).sum() / parts.mask[c].sum().clamp(min=1))
+            scores["color"] = (
+                1 - float(np.exp(-share / 0.2))
+                if faithful_color_share is None
+                else min(share / faithful_color_share, 1.0)
+            )
+        if clause.pattern is not None:
+            scores["pattern"] = float(stripes[c]) if found else 0.0
+        if clause.upside_down:
+            scores["upside_down"] = (
+                float(flipped[c, j] * torch.sigmoid((flipped[c, j] - upright[c, j]) / 0.15)) if found else 0.0
+            )
+        clauses.append(scores)
+    area = float(sum(m.sum() for m in masks)) / image.shape[-1] ** 2
+    found_share = float((assigned >= 0).mean())
+    presence = found_share * (1 - np.exp(-area / 0.02)) / (1 + np.exp(-(0.9 - area) / 0.03))
+    sizes = sorted((int(m.sum()) for m in masks), reverse=True)
+    labelled = int(seg.foreground[0].sum())
+    largest_share = sum(sizes[:k]) / labelled if labelled else 0.0
+    counts = int(seg.components[0])
+    fragments = float(np.exp(-max(counts - k, 0) / 4)) if counts else 0.0
+    quality = (float(flatness(batch)[0]) + largest_share + fragments) / 3
+    background = None
+    if scene.background is not None:
+        target_bg = torch.tensor(scene.background_rgb, dtype=torch.float32)
+        background = float(soft_gaussian((seg.background[0] - target_bg).norm(), 0.12))
+    return {
+        "clauses": clauses,
+        "background": background,
+        "presence": float(presence),
+        "quality": quality,
+        "assigned": tuple(assigned.tolist()),
+    }
+
+
+def scene_prompt_total(scores: Mapping[str, object], weights: Mapping[str, float] = PROMPT_WEIGHTS) -> float:
+    """``prompt_total`` for a scene: presence * (weighted mean of every asked attribute, of all clauses and
+    the background, and of (mean class, quality))."""
+    clauses = scores["clauses"]
+    asked = [v for clause in clauses for key, v in clause.items() if key != "class"]
+    if scores["background"] is not None:
+        asked.append(scores["background"])
+    base = (float(np.mean([clause["class"] for clause in clauses])) + scores["quality"]) / 2
+    w_asked = weights["asked"] / (weights["asked"] + weights["base"])
+    mixed = w_asked * float(np.mean(asked)) + (1 - w_asked) * base if asked else base
+    return scores["presence"] * mixed
+
+
 # ------------------------------------------------------------------------------------------ the rewards
 def _prepare(images: ImageBatch, image_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(``[N, 3, S, S]`` in [0, 1] with non-finite pixels zeroed, ``[N]`` bool: image was all finite)."""
@@ -457,14 +649,104 @@ class _MiniReward(BatchReward):
 
 
 class MiniIdentityReward(_MiniReward):
-    """``mini_id``: similarity of the segmented, canonicalised subject to the reference's, in [0, 1]."""
+    """``mini_id``: similarity of the segmented, canonicalised subject to the reference's, in [0, 1].
+
+    ``score_subjects`` scores several subjects per image (module docstring); ``last_assignment()`` then
+    returns its per-sample diagnostics.
+    """
 
     name = "mini_id"
     default_weights = ID_WEIGHTS
 
+    def __init__(
+        self,
+        *args,
+        confusion_threshold: float = CONFUSION_THRESHOLD,
+        max_components: int = MAX_COMPONENTS,
+        **kw,
+    ) -> None:
+        super().__init__(*args, **kw)
+        if not 0.0 < confusion_threshold <= 1.0 or max_components < 1:
+            raise ValueError(
+                f"mini_id needs confusion_threshold in (0, 1] and max_components >= 1, got "
+                f"{confusion_threshold} and {max_components}"
+            )
+        self.confusion_threshold = confusion_threshold
+        self.max_components = max_components
+        self._last: list[dict] = []
+
     def _score(self, batch: torch.Tensor, refs: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         scores = identity_scores(batch, refs, self.canonical_size, self.threshold)
         return combine(scores, self.weights)
+
+    @torch.no_grad()
+    def score_subjects(
+        self,
+        images: ImageBatch,
+        references: Sequence[ImageBatch],
+        prompts: Sequence[str],
+        subject_classes: Sequence[Sequence[str] | None] | None = None,
+    ) -> torch.Tensor:
+        """``[N, K]`` identity of each subject (``references``: K batches, one per subject; classes unused:
+        the reference alone says who the subject is). With K = 1 the whole segmented foreground is the
+        subject, exactly as ``__call__``; with K > 1 each connected component is a candidate, assigned to
+        at most one subject by optimal assignment; a subject without a component scores 0. NaN rows for
+        non-finite images or references."""
+        references = list(references)
+        n, k = len(images), len(references)
+        for refs in references:
+            check_batch(images, refs, prompts)
+        batch, finite = _prepare(images, self.image_size)
+        prepared = [_prepare(refs, self.image_size) for refs in references]
+        seg = segment(batch, self.threshold)
+        components = foreground_components(seg, self.max_components)
+        if k == 1:
+            scores = self._score(batch, prepared[0][0], list(prompts))[:, None]
+            found = [len(c) > 0 for c in components]
+            self._last = [
+                {"missing": int(not f), "confused": 0, "components": len(c), "assigned": (0 if f else -1,)}
+                for f, c in zip(found, components, strict=True)
+            ]
+            return _nan_where(scores.float(), finite[:, None], prepared[0][1][:, None])
+        owner = [i for i, masks in enumerate(components) for _ in masks]
+        candidates = isolate(batch, seg.background, owner, [m for masks in components for m in masks])
+        owner_t = torch.as_tensor(owner, dtype=torch.long)
+        similarity = torch.stack(
+            [
+                combine(
+                    identity_scores(candidates, refs[owner_t], self.canonical_size, self.threshold),
+                    self.weights,
+                )
+                if owner
+                else torch.zeros(0)
+                for refs, _ in prepared
+            ],
+            dim=1,
+        ).numpy()  # [M, K]
+        scores = torch.zeros(n, k)
+        self._last = []
+        start = 0
+        for i, masks in enumerate(components):
+            block = similarity[start : start + len(masks)]
+            start += len(masks)
+            row, assigned, missing, confused = subject_assignment(block, self.confusion_threshold)
+            scores[i] = torch.from_numpy(row).float()
+            self._last.append(
+                {
+                    "missing": missing,
+                    "confused": confused,
+                    "components": len(masks),
+                    "assigned": tuple(assigned.tolist()),
+                }
+            )
+        ok = torch.stack([finite, *[f for _, f in prepared]]).all(0)
+        return torch.where(ok[:, None], scores, torch.full_like(scores, float("nan")))
+
+    def last_assignment(self) -> list[dict]:
+        """Per sample of the last ``score_subjects`` call: ``missing`` (subjects left without a component),
+        ``confused`` (subjects drawn twice, see :func:`subject_assignment`), ``components`` (candidates)
+        and ``assigned`` (each subject's component index, -1 for none)."""
+        return [dict(entry) for entry in self._last]
 
 
 class MiniPromptReward(_MiniReward):
@@ -482,6 +764,23 @@ class MiniPromptReward(_MiniReward):
         self.faithful_color_share = faithful_color_share
 
     def _score(self, batch: torch.Tensor, refs: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        scenes = [_parse_scene(p) for p in prompts]
+        single = [i for i, scene in enumerate(scenes) if scene is None]
+        if len(single) == len(prompts):
+            return self._score_single(batch, refs, prompts)
+        total = torch.full((len(prompts),), float("nan"))
+        if single:  # every image is scored on its own, so a subset scores exactly as in a full batch
+            index = torch.tensor(single)
+            total[index] = self._score_single(batch[index], refs[index], [prompts[i] for i in single])
+        for i, scene in enumerate(scenes):
+            if scene is not None:
+                parts = scene_prompt_scores(
+                    batch[i], scene, self.canonical_size, self.threshold, self.faithful_color_share
+                )
+                total[i] = scene_prompt_total(parts, self.weights)
+        return total
+
+    def _score_single(self, batch: torch.Tensor, refs: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         scores = prompt_scores(
             batch, refs, prompts, self.canonical_size, self.threshold, self.faithful_color_share
         )
