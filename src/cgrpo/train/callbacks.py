@@ -182,11 +182,11 @@ class TensorBoardImages(Callback):
 
 
 class PreviewGrids(Callback):
-    """SFT's previews: ``samples/step_XXXXXX.png``, reference | EMA sample | target per row."""
+    """SFT's previews: ``samples/step_XXXXXX.png``, reference(s) | EMA sample | target per row."""
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
 
     def on_evaluation(self, step: int, result: Any) -> None:
-        columns = [result.references, result.images, result.targets]
+        columns = [*reference_columns(result.references, result.images), result.images, result.targets]
         save_png(grid(columns), self.directory / f"step_{step:06d}.png")

@@ -86,6 +86,7 @@ from cgrpo.train.subjects import (
     classes_per_subject,
     condition_references,
     references_per_subject,
+    references_to,
     subject_count,
 )
 
@@ -243,14 +244,13 @@ class GRPOTrainer:
         #    With K subjects per example the policy is conditioned on all K references and every subject
         #    gets its own identity reward.
         examples = [self.train_set[i] for i in self.sampler.next()]
-        self._check_batch(examples)
         num_samples = len(examples) * G
         rows = self.dist.local_rows(num_samples)
         prompts = [e.prompt for e in examples for _ in range(G)][rows]
         classes = [c[rows] for c in classes_per_subject(examples, G)]  # K lists of this process's rows
         cond = (
             self.policy.condition(
-                [e.prompt for e in examples], _to(condition_references(examples), self.device)
+                [e.prompt for e in examples], references_to(condition_references(examples), self.device)
             )
             .repeat_interleave(G)
             .index(rows)
@@ -424,12 +424,9 @@ class GRPOTrainer:
         return out
 
     def _check_subjects(self) -> int:
-        """K, the number of subjects of every example, checked at start-up: the whole training set when it
-        is the in-memory mini world (cheap), else its first example (a file dataset's images are loaded
-        only when drawn; each batch is checked then), and every held-out example against it."""
+        """K, the number of subjects of every training and held-out example, checked at start-up."""
         name = self.config.data.name
-        train = self.train_set if name == "mini" else [self.train_set[0]]
-        count = subject_count(train, f"{name} (training)")
+        count = subject_count(self.train_set, f"{name} (training)")
         if self.heldout:
             held = subject_count(self.heldout, f"{name} (held-out)")
             if held != count:
@@ -438,15 +435,6 @@ class GRPOTrainer:
                     f"examples {held}; both must have the same number"
                 )
         return count
-
-    def _check_batch(self, examples) -> None:
-        count = subject_count(examples, f"{self.config.data.name} (training)")
-        if count != self.num_subjects:
-            raise SubjectCountError(
-                f"dataset {self.config.data.name} (training): examples {[e.id for e in examples]} have "
-                f"{count} subject(s) each, the first example {self.num_subjects}; every example must have "
-                "the same number of subjects"
-            )
 
     def _with_retries(self, reward) -> RetryingReward:
         """``reward`` for evaluation: retried like the training rewards, :class:`RewardFailure` at the end."""
@@ -665,13 +653,6 @@ class _NullLogger:
 def _nanmean(values: torch.Tensor) -> float:
     finite = values[torch.isfinite(values)]
     return float(finite.mean()) if len(finite) else math.nan
-
-
-def _to(references, device):
-    """A reference tensor, or a list of K reference tensors, on ``device``."""
-    if isinstance(references, torch.Tensor):
-        return references.to(device)
-    return [r.to(device) for r in references]
 
 
 CONFIG = GRPOConfig

@@ -8,17 +8,19 @@ before multi-subject data existed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
-from cgrpo.data.base import Example
+from cgrpo.data.base import Example, SubjectDataset
+from cgrpo.train.components import TrainingError
 
 References = torch.Tensor | list[torch.Tensor]
 
 
-class SubjectCountError(ValueError):
-    """The examples of one dataset do not all have the same number of subjects."""
+class SubjectCountError(TrainingError):
+    """The examples of one dataset do not all have the same number of subjects (``cgrpo train`` prints it
+    and exits 2)."""
 
 
 def references_of(example: Example) -> tuple[torch.Tensor, ...]:
@@ -32,32 +34,39 @@ def classes_of(example: Example) -> tuple[str, ...]:
     return tuple(getattr(example, "subject_classes", None) or (example.subject_class,))
 
 
-def subject_count(examples: Sequence[Example], dataset: str) -> int:
-    """The number of subjects K every example of ``dataset`` (a name for the error) has.
+def subject_count(examples: SubjectDataset | Sequence[Example], dataset: str) -> int:
+    """The number of subjects K every example of ``examples`` (a dataset or a list) has; ``dataset`` names
+    it in the error. A file dataset (one with parsed ``records``) is counted from its records, without
+    decoding an image.
 
     Raises:
-        SubjectCountError: when examples differ in K (naming the dataset and the first example that
-            differs), or an example's references and class names differ in number.
+        SubjectCountError: when examples differ in K, naming the dataset and the first example that differs.
     """
     count: int | None = None
     first_id = ""
-    for example in examples:
-        k = len(references_of(example))
-        if len(classes_of(example)) != k:
-            raise SubjectCountError(
-                f"dataset {dataset}: example {example.id!r} has {k} references but "
-                f"{len(classes_of(example))} subject classes"
-            )
+    for example_id, k in _counts(examples):
         if count is None:
-            count, first_id = k, example.id
+            count, first_id = k, example_id
         elif k != count:
             raise SubjectCountError(
                 f"dataset {dataset}: every example must have the same number of subjects; example "
-                f"{first_id!r} has {count}, example {example.id!r} has {k}"
+                f"{first_id!r} has {count}, example {example_id!r} has {k}"
             )
     if count is None:
         raise SubjectCountError(f"dataset {dataset} is empty")
     return count
+
+
+def _counts(examples: SubjectDataset | Sequence[Example]) -> Iterator[tuple[str, int]]:
+    """(id, K) of every example."""
+    records = getattr(examples, "records", None)
+    if records is not None:  # cgrpo.data.formats.Record: ``subjects`` lists all K
+        for record in records:
+            yield record.id, len(getattr(record, "subjects", None) or (record,))
+        return
+    for index in range(len(examples)):
+        example = examples[index]
+        yield example.id, len(references_of(example))
 
 
 def condition_references(examples: Sequence[Example]) -> References:
@@ -86,3 +95,17 @@ def classes_per_subject(examples: Sequence[Example], repeat: int = 1) -> list[li
     :func:`references_per_subject`."""
     count = len(classes_of(examples[0]))
     return [[classes_of(e)[k] for e in examples for _ in range(repeat)] for k in range(count)]
+
+
+def references_to(references: References, device: torch.device | str) -> References:
+    """A reference tensor, or a list of K reference tensors, on ``device``."""
+    if isinstance(references, torch.Tensor):
+        return references.to(device)
+    return [r.to(device) for r in references]
+
+
+def reference_list(references: References) -> list[torch.Tensor]:
+    """K tensors ``[B, 3, H_k, W_k]`` of any form :func:`condition_references` returns."""
+    if not isinstance(references, torch.Tensor):
+        return list(references)
+    return [references] if references.ndim == 4 else list(references.unbind(dim=1))
