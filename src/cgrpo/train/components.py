@@ -36,6 +36,10 @@ def record_world_version(config: DataConfig | None) -> None:
         from cgrpo.data.miniworld import WORLD_VERSION
 
         config.options.setdefault("version", WORLD_VERSION)
+        if config.options.get("subjects", 1) > 1:  # scenes: their grammar's version too
+            from cgrpo.data.miniworld import SCENE_VERSION
+
+            config.options.setdefault("scene_version", SCENE_VERSION)
 
 
 def build_datasets(config: DataConfig, seed: int) -> tuple[SubjectDataset, list[Example]]:
