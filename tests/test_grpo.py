@@ -164,11 +164,11 @@ def test_tdw_is_keyed_by_the_real_step(tiny_policy_dir, tmp_path, monkeypatch):
     )
     trainer = GRPOTrainer(config)
     seen = {}
-    real_sars, real_loss = grpo_module.sars, grpo_module.clipped_policy_loss
+    real_sars, real_loss = grpo_module.multi_sars, grpo_module.clipped_policy_loss
 
-    def spy_sars(a_id, a_prompt, w_id, w_prompt, **kw):
-        seen["a"] = (a_id[:, 0].clone(), a_prompt[:, 0].clone())
-        return real_sars(a_id, a_prompt, w_id, w_prompt, **kw)
+    def spy_sars(a_ids, a_prompt, w_id, w_prompt, **kw):  # one subject: a_ids [N, 1]
+        seen["a"] = (a_ids[:, 0].clone(), a_prompt.clone())
+        return real_sars(a_ids, a_prompt, w_id, w_prompt, **kw)
 
     def spy_select():
         seen["steps"] = torch.tensor([6, 0, 3])  # deliberately unsorted
@@ -178,7 +178,7 @@ def test_tdw_is_keyed_by_the_real_step(tiny_policy_dir, tmp_path, monkeypatch):
         seen.setdefault("adv", []).append(advantages.detach().clone())
         return real_loss(log_prob, old_log_prob, advantages, **kw)
 
-    monkeypatch.setattr(grpo_module, "sars", spy_sars)
+    monkeypatch.setattr(grpo_module, "multi_sars", spy_sars)
     monkeypatch.setattr(grpo_module, "clipped_policy_loss", spy_loss)
     monkeypatch.setattr(trainer, "_select_steps", spy_select)
     trainer.iteration()

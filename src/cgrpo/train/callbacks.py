@@ -12,12 +12,13 @@ Subclass :class:`Callback`, override the hooks you need, and pass an instance to
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from cgrpo.imaging import grid, save_png
 from cgrpo.train.advantage_log import log_advantages, truncate_advantages
@@ -31,7 +32,8 @@ class Callback:
         """Training starts (or resumes) at ``step``."""
 
     def on_rollout(self, step: int, references: torch.Tensor, images: torch.Tensor) -> None:
-        """GRPO rollouts of iteration ``step``: ``references``, ``images`` ``[N, 3, H, W]`` (group-major)."""
+        """GRPO rollouts of iteration ``step``: ``references``, ``images`` ``[N, 3, H, W]`` (group-major);
+        with K subjects per image ``references`` is a list of K ``[N, 3, H_k, W_k]``."""
 
     def on_advantages(
         self, step: int, a_id: torch.Tensor, a_prompt: torch.Tensor, valid: torch.Tensor, group_size: int
@@ -99,7 +101,8 @@ class RolloutGrids(Callback):
             return
         rows = min(len(images), 2 * self.group_size)
         path = self.directory / f"rollout-step-{step:06d}.png"
-        save_png(grid([references[:rows].cpu(), images[:rows].cpu()]), path)
+        columns = [r[:rows].cpu() for r in reference_columns(references, images)]
+        save_png(grid([*columns, images[:rows].cpu()]), path)
 
 
 class AdvantagesLog(Callback):
@@ -126,27 +129,46 @@ class AdvantagesLog(Callback):
 
 
 class EvalImages(Callback):
-    """Every held-out evaluation as ``samples/eval-step-XXXXXX.png`` (reference | sample per row) and, with
-    ``save_tensors``, the images themselves as ``eval-step-XXXXXX.pt``.
+    """Every held-out evaluation as ``samples/eval-step-XXXXXX.png`` (reference | sample per row; one
+    reference column per subject) and, with ``save_tensors``, the images themselves as
+    ``eval-step-XXXXXX.pt``.
 
-    ``references``: ``[E, 3, H, W]``, one per held-out example; repeated for its ``images_per_prompt``."""
+    ``references``: ``[E, 3, H, W]``, one per held-out example (or a list of K such tensors, one per
+    subject); repeated for its ``images_per_prompt``."""
 
     def __init__(
         self,
         directory: str | Path,
-        references: torch.Tensor,
+        references: torch.Tensor | Sequence[torch.Tensor],
         images_per_prompt: int,
         save_tensors: bool = True,
     ) -> None:
         self.directory = Path(directory)
-        self.references = references.repeat_interleave(images_per_prompt, dim=0)
+        if isinstance(references, torch.Tensor):
+            self.references = references.repeat_interleave(images_per_prompt, dim=0)
+        else:
+            self.references = [r.repeat_interleave(images_per_prompt, dim=0) for r in references]
         self.save_tensors = save_tensors
 
     def on_evaluation(self, step: int, result: Any) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         if self.save_tensors:
             torch.save(result.images, self.directory / f"eval-step-{step:06d}.pt")
-        save_png(grid([self.references, result.images]), self.directory / f"eval-step-{step:06d}.png")
+        columns = reference_columns(self.references, result.images)
+        save_png(grid([*columns, result.images]), self.directory / f"eval-step-{step:06d}.png")
+
+
+def reference_columns(
+    references: torch.Tensor | Sequence[torch.Tensor], images: torch.Tensor
+) -> list[torch.Tensor]:
+    """Grid columns of one reference tensor or K of them, each at the images' size (a grid's cells share
+    one size; references of other sizes are resized for display only)."""
+    columns = [references] if isinstance(references, torch.Tensor) else list(references)
+    size = tuple(images.shape[-2:])
+    return [
+        c if tuple(c.shape[-2:]) == size else F.interpolate(c.float(), size=size, mode="area")
+        for c in columns
+    ]
 
 
 class TensorBoardImages(Callback):
@@ -160,11 +182,11 @@ class TensorBoardImages(Callback):
 
 
 class PreviewGrids(Callback):
-    """SFT's previews: ``samples/step_XXXXXX.png``, reference | EMA sample | target per row."""
+    """SFT's previews: ``samples/step_XXXXXX.png``, reference(s) | EMA sample | target per row."""
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
 
     def on_evaluation(self, step: int, result: Any) -> None:
-        columns = [result.references, result.images, result.targets]
+        columns = [*reference_columns(result.references, result.images), result.images, result.targets]
         save_png(grid(columns), self.directory / f"step_{step:06d}.png")

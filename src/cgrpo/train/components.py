@@ -36,6 +36,10 @@ def record_world_version(config: DataConfig | None) -> None:
         from cgrpo.data.miniworld import WORLD_VERSION
 
         config.options.setdefault("version", WORLD_VERSION)
+        if config.options.get("subjects", 1) > 1:  # scenes: their grammar's version too
+            from cgrpo.data.miniworld import SCENE_VERSION
+
+            config.options.setdefault("scene_version", SCENE_VERSION)
 
 
 def build_datasets(config: DataConfig, seed: int) -> tuple[SubjectDataset, list[Example]]:
@@ -109,14 +113,55 @@ def score_with_retries(
     """Call ``reward``; on an exception (or a call longer than ``timeout_s`` > 0) retry with exponential
     backoff, then raise :class:`RewardFailure`. A timed-out call cannot be interrupted: it is abandoned
     in its thread and its result ignored."""
+
+    def scores_of(value: Any) -> torch.Tensor:
+        scores = torch.as_tensor(value, dtype=torch.float32).reshape(-1).cpu()
+        if len(scores) != len(prompts):
+            raise ValueError(f"returned {len(scores)} scores for {len(prompts)} images")
+        return scores
+
+    args = (images, references, prompts, subjects)
+    return _retrying(reward, reward, args, scores_of, max_retries, backoff_s, timeout_s)
+
+
+def score_subjects_with_retries(
+    reward: Reward,
+    images: torch.Tensor,
+    references: Sequence[torch.Tensor],
+    prompts: Sequence[str],
+    subject_classes: Sequence[Sequence[str]],
+    max_retries: int,
+    backoff_s: float,
+    timeout_s: float = 0.0,
+) -> torch.Tensor:
+    """:func:`cgrpo.rewards.base.score_subjects` (``[N, K]``: one identity score per image and subject, K
+    the number of reference batches) retried like :func:`score_with_retries`."""
+    from cgrpo.rewards.base import score_subjects
+
+    count = len(references)
+
+    def scores_of(value: Any) -> torch.Tensor:
+        scores = torch.as_tensor(value, dtype=torch.float32).cpu()
+        if tuple(scores.shape) != (len(prompts), count):
+            raise ValueError(
+                f"returned scores of shape {tuple(scores.shape)} "
+                f"for {len(prompts)} images of {count} subjects"
+            )
+        return scores
+
+    def call(*args: Any) -> Any:
+        return score_subjects(reward, *args)
+
+    args = (images, references, prompts, subject_classes)
+    return _retrying(reward, call, args, scores_of, max_retries, backoff_s, timeout_s)
+
+
+def _retrying(reward, call, args: tuple, check, max_retries: int, backoff_s: float, timeout_s: float):
+    """``check(call(*args))``, retried with exponential backoff; :class:`RewardFailure` naming ``reward``."""
     name = getattr(reward, "name", type(reward).__name__)
     for attempt in range(max_retries + 1):
         try:
-            scores = _call_with_timeout(reward, (images, references, prompts, subjects), timeout_s)
-            scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1).cpu()
-            if len(scores) != len(prompts):
-                raise ValueError(f"returned {len(scores)} scores for {len(prompts)} images")
-            return scores
+            return check(_call_with_timeout(call, args, timeout_s))
         except Exception as error:  # a reward server may fail in any way; we retry all of them
             if attempt == max_retries:
                 raise RewardFailure(
@@ -125,6 +170,29 @@ def score_with_retries(
                 ) from error
             time.sleep(backoff_s * 2**attempt)
     raise AssertionError("unreachable")
+
+
+class RetryingReward:
+    """``reward`` for evaluation: every call (and :meth:`score_subjects`) retried like the training rewards,
+    :class:`RewardFailure` at the end; :meth:`last_assignment` is the wrapped reward's, or None."""
+
+    def __init__(self, reward: Reward, max_retries: int, backoff_s: float, timeout_s: float = 0.0) -> None:
+        self.reward = reward
+        self.name = getattr(reward, "name", type(reward).__name__)
+        self.retries = (max_retries, backoff_s, timeout_s)
+
+    def __call__(self, images, references, prompts, subjects=None) -> torch.Tensor:
+        return score_with_retries(self.reward, images, references, prompts, subjects, *self.retries)
+
+    def score_subjects(self, images, references, prompts, subject_classes) -> torch.Tensor:
+        return score_subjects_with_retries(
+            self.reward, images, references, prompts, subject_classes, *self.retries
+        )
+
+    def last_assignment(self) -> list[dict[str, Any]] | None:
+        """Per-sample ``missing``/``confused`` counts of the last joint scoring, if the reward keeps them."""
+        method = getattr(self.reward, "last_assignment", None)
+        return method() if callable(method) else None
 
 
 def _call_with_timeout(fn, args: tuple, timeout_s: float):

@@ -62,6 +62,9 @@ class AdvantageConfig:
     ratio: list[float] = field(default_factory=lambda: [1.0, 1.0])  # w_id : w_prompt for `static`
     t_c: float | None = None  # TDW centre; None = 14/25 of T (not given in the paper)
     lam: float = 0.8  # TDW sigmoid slope at T=25 (not given in the paper)
+    # Several subjects per image (one identity advantage each): how SARS combines them (cgrpo.advantage.
+    # multi_sars): `mean` / `weakest` aggregate the identity advantages, `pairwise` shapes every pair.
+    multi_subject: Literal["mean", "weakest", "pairwise"] = "mean"
 
 
 @dataclass

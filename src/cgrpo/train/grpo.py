@@ -31,7 +31,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from cgrpo.advantage import conflict_rate, group_normalize, group_stats, sars, tdw_weights
+from cgrpo.advantage import (
+    conflict_rate,
+    group_normalize,
+    group_normalize_columns,
+    group_stats,
+    multi_conflict_rate,
+    multi_sars,
+    tdw_weights,
+)
 from cgrpo.config import save_config, to_dict
 from cgrpo.io import atomic_write_json
 from cgrpo.objective import clipped_policy_loss, gaussian_mean_kl
@@ -56,12 +64,14 @@ from cgrpo.train.checkpoint import (
 from cgrpo.train.components import (
     BatchSampler,
     CheckpointError,
+    RetryingReward,
     RewardFailure,
     TrainingError,
     build_datasets,
     build_policy,
     build_rewards,
     record_world_version,
+    score_subjects_with_retries,
     score_with_retries,
     validate_data,
 )
@@ -71,6 +81,14 @@ from cgrpo.train.heldout import NO_HELDOUT, base_trained_summary, evaluate_heldo
 from cgrpo.train.logger import MetricsLogger
 from cgrpo.train.sampling import Trajectory, rollout, schedule
 from cgrpo.train.schedule import lr_scheduler
+from cgrpo.train.subjects import (
+    SubjectCountError,
+    classes_per_subject,
+    condition_references,
+    references_per_subject,
+    references_to,
+    subject_count,
+)
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +128,7 @@ class GRPOTrainer:
         self.train_set, self.heldout = build_datasets(config.data, config.seed)
         if not self.heldout and self.dist.is_main:
             log.warning(NO_HELDOUT)
+        self.num_subjects = self._check_subjects()
         self.identity_reward, self.prompt_reward = build_rewards(config)
         self.sampler = BatchSampler(len(self.train_set), config.train.prompts_per_iteration, config.seed)
         # DDP/FSDP wrapping comes before the optimiser: FSDP replaces the parameters by sharded ones.
@@ -222,14 +241,17 @@ class GRPOTrainer:
 
         # 1. A batch of (reference, prompt) pairs; each pair is repeated G times (one group). This process
         #    handles `rows` of the N = B * G samples (all of them with one process).
+        #    With K subjects per example the policy is conditioned on all K references and every subject
+        #    gets its own identity reward.
         examples = [self.train_set[i] for i in self.sampler.next()]
         num_samples = len(examples) * G
         rows = self.dist.local_rows(num_samples)
         prompts = [e.prompt for e in examples for _ in range(G)][rows]
-        subjects = [e.subject_class for e in examples for _ in range(G)][rows]
-        references = torch.stack([e.reference for e in examples])
+        classes = [c[rows] for c in classes_per_subject(examples, G)]  # K lists of this process's rows
         cond = (
-            self.policy.condition([e.prompt for e in examples], references.to(self.device))
+            self.policy.condition(
+                [e.prompt for e in examples], references_to(condition_references(examples), self.device)
+            )
             .repeat_interleave(G)
             .index(rows)
         )
@@ -253,30 +275,39 @@ class GRPOTrainer:
         )
         images = self.policy.decode(trajectory.final.to(self.device))
         timings["time/rollout"] = time.perf_counter() - tic
-        group_references = references.repeat_interleave(G, dim=0)[rows]
-        self.callbacks.on_rollout(self.step + 1, group_references, images)
+        group_references = [r[rows] for r in references_per_subject(examples, G)]  # K x [n, 3, H_k, W_k]
+        shown = group_references[0] if self.num_subjects == 1 else group_references
+        self.callbacks.on_rollout(self.step + 1, shown, images)
 
         # 3. Both rewards, gathered over processes; a non-finite score masks that sample out of its group.
+        #    r_ids [N, K]: one identity reward per subject.
         tic = time.perf_counter()
-        r_id, r_prompt = self._score(images, group_references, prompts, subjects)
-        valid = torch.isfinite(r_id) & torch.isfinite(r_prompt)
+        r_ids, r_prompt = self._score(images, group_references, prompts, classes)
+        valid = torch.isfinite(r_ids).all(dim=1) & torch.isfinite(r_prompt)
         skipped = valid.view(-1, G).sum(dim=1) < 2  # no pair of valid samples: zero advantage, no signal
         timings["time/reward"] = time.perf_counter() - tic
 
-        # 4. Each reward normalised inside its own group (Eq. 8).
-        a_id = group_normalize(r_id, G, eps=cfg.advantage.eps, std=cfg.advantage.std, valid=valid)
-        a_prompt = group_normalize(r_prompt, G, eps=cfg.advantage.eps, std=cfg.advantage.std, valid=valid)
+        # 4. Each reward normalised inside its own group (Eq. 8), every subject's identity column on its own.
+        a = cfg.advantage
+        a_ids = group_normalize_columns(r_ids, G, eps=a.eps, std=a.std, valid=valid)
+        a_prompt = group_normalize(r_prompt, G, eps=a.eps, std=a.std, valid=valid)
+        # The conflict statistic and the advantages log take one identity advantage: with K > 1 subjects
+        # the one SARS sees, the subjects' mean (the minimum for multi_subject=weakest); with K = 1 it is
+        # a_ids[:, 0] exactly.
+        a_id = a_ids.amin(dim=1) if a.multi_subject == "weakest" else a_ids.mean(dim=1)
         self.callbacks.on_advantages(self.step + 1, a_id, a_prompt, valid, G)
 
-        # 5-6. TDW weights keyed by the real step, then SARS per (sample, step) -> [N, k].
+        # 5-6. TDW weights keyed by the real step, then SARS per (sample, step) -> [N, k]; with K subjects the
+        #      n-objective SARS (advantage.multi_subject), which splits TDW's identity weight over them.
         w_id, w_prompt = self._tdw(steps)
-        advantages = sars(
-            a_id[:, None],
-            a_prompt[:, None],
+        advantages = multi_sars(
+            a_ids,
+            a_prompt,
             w_id[None, :],
             w_prompt[None, :],
-            alpha=cfg.advantage.alpha,
-            synergy=cfg.advantage.synergy,
+            alpha=a.alpha,
+            synergy=a.synergy,
+            mode=a.multi_subject,
         )
         advantages = torch.where(valid[:, None], advantages, torch.zeros_like(advantages))
 
@@ -299,13 +330,14 @@ class GRPOTrainer:
 
         return {
             "loss": loss_stats["loss"],
-            "reward/id": _nanmean(r_id),
+            "reward/id": _nanmean(r_ids),
             "reward/prompt": _nanmean(r_prompt),
-            "reward/id_group_std": group_std(r_id),
+            "reward/id_group_std": sum(group_std(r) for r in r_ids.T) / self.num_subjects,
             "reward/prompt_group_std": group_std(r_prompt),
             "conflict_rate": float(conflict_rate(a_id[valid], a_prompt[valid]))
             if valid.any()
             else float("nan"),
+            **(self._subject_metrics(r_ids, a_ids[valid], a_prompt[valid]) if self.num_subjects > 1 else {}),
             "advantage/abs_mean": float(advantages.abs().mean()),
             "invalid_samples": int((~valid).sum()),
             "skipped_groups": int(skipped.sum()),
@@ -348,44 +380,66 @@ class GRPOTrainer:
             ratio=tuple(a.ratio),
         )
 
-    def _score(self, images, references, prompts, subjects) -> tuple[torch.Tensor, torch.Tensor]:
-        """(identity, prompt) rewards ``[N]`` of all processes' samples; each process scores its rows.
+    def _score(self, images, references, prompts, classes) -> tuple[torch.Tensor, torch.Tensor]:
+        """Identity rewards ``[N, K]`` and prompt rewards ``[N]`` of all processes' samples; each process
+        scores its rows. ``references``: K batches ``[n, 3, H_k, W_k]``; ``classes``: K lists of n names.
 
+        One subject: the identity reward is called as a plain reward, exactly as before multi-subject data.
+        K subjects: :func:`cgrpo.rewards.base.score_subjects` (joint scoring with assignment where the reward
+        has it). The prompt reward takes the first subject's reference and class (its protocol has one).
         A reward that keeps failing raises :class:`RewardFailure` on every process (they agree first, so
         no process is left waiting in the gather)."""
         r = self.config.rewards
+        retries = (r.max_retries, r.retry_backoff_s, r.timeout_s)
         failure: RewardFailure | None = None
-        scores = []
+        r_ids = r_prompt = torch.empty(0)
         try:
-            for reward in (self.identity_reward, self.prompt_reward):
-                scores.append(
-                    score_with_retries(
-                        reward,
-                        images,
-                        references,
-                        prompts,
-                        subjects,
-                        r.max_retries,
-                        r.retry_backoff_s,
-                        r.timeout_s,
-                    )
+            if len(references) == 1:
+                r_ids = score_with_retries(
+                    self.identity_reward, images, references[0], prompts, classes[0], *retries
+                )[:, None]
+            else:
+                r_ids = score_subjects_with_retries(
+                    self.identity_reward, images, references, prompts, classes, *retries
                 )
+            r_prompt = score_with_retries(
+                self.prompt_reward, images, references[0], prompts, classes[0], *retries
+            )
         except RewardFailure as error:
             failure = error
         if not self.dist.all_true(failure is None):
             raise failure or RewardFailure("a reward failed on another process (see its log)")
-        return self.dist.gather(scores[0]), self.dist.gather(scores[1])
+        return self.dist.gather(r_ids), self.dist.gather(r_prompt)
 
-    def _with_retries(self, reward):
+    def _subject_metrics(
+        self, r_ids: torch.Tensor, a_ids: torch.Tensor, a_prompt: torch.Tensor
+    ) -> dict[str, float]:
+        """Per-subject rewards ``reward/id_<k>``, the weakest subject's ``reward/id_min`` (mean over samples
+        of the lowest subject reward) and ``conflict_rate/multi``: the share of (valid) samples where some
+        pair of the K + 1 objectives pulls in opposite directions."""
+        finite = torch.isfinite(r_ids).all(dim=1)
+        out = {f"reward/id_{k}": _nanmean(column) for k, column in enumerate(r_ids.T)}
+        out["reward/id_min"] = _nanmean(r_ids[finite].amin(dim=1)) if finite.any() else math.nan
+        out["conflict_rate/multi"] = multi_conflict_rate(a_ids, a_prompt) if len(a_ids) else math.nan
+        return out
+
+    def _check_subjects(self) -> int:
+        """K, the number of subjects of every training and held-out example, checked at start-up."""
+        name = self.config.data.name
+        count = subject_count(self.train_set, f"{name} (training)")
+        if self.heldout:
+            held = subject_count(self.heldout, f"{name} (held-out)")
+            if held != count:
+                raise SubjectCountError(
+                    f"dataset {name}: the training examples have {count} subject(s) each but the held-out "
+                    f"examples {held}; both must have the same number"
+                )
+        return count
+
+    def _with_retries(self, reward) -> RetryingReward:
         """``reward`` for evaluation: retried like the training rewards, :class:`RewardFailure` at the end."""
         r = self.config.rewards
-
-        def call(images, references, prompts, subjects=None):
-            return score_with_retries(
-                reward, images, references, prompts, subjects, r.max_retries, r.retry_backoff_s, r.timeout_s
-            )
-
-        return call
+        return RetryingReward(reward, r.max_retries, r.retry_backoff_s, r.timeout_s)
 
     def _optimize(
         self, trajectory: Trajectory, cond, steps: torch.Tensor, advantages: torch.Tensor
@@ -508,8 +562,9 @@ class GRPOTrainer:
             path = self.output_dir / "advantages.jsonl"
             callbacks.append(AdvantagesLog(path, resume_step=self.step if resume else None))
         if self.heldout:
-            references = torch.stack([e.reference for e in self.heldout])
-            callbacks.append(EvalImages(samples, references, cfg.eval.images_per_prompt))
+            references = references_per_subject(self.heldout)
+            shown = references[0] if self.num_subjects == 1 else references
+            callbacks.append(EvalImages(samples, shown, cfg.eval.images_per_prompt))
         if cfg.log.tensorboard:
             callbacks.append(TensorBoardImages(self.logger))
         return callbacks

@@ -46,6 +46,14 @@ from cgrpo.train.flow_matching import SigmaSampling, sample_sigmas
 from cgrpo.train.logger import MetricsLogger
 from cgrpo.train.sampling import sample_images
 from cgrpo.train.schedule import lr_scheduler
+from cgrpo.train.subjects import (
+    References,
+    SubjectCountError,
+    condition_references,
+    reference_list,
+    references_to,
+    subject_count,
+)
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +186,8 @@ def flow_matching_loss(
 ) -> torch.Tensor:
     """Mean of ``||v(x_sigma) - (noise - x0)||^2``; gradients reach the transformer *and* the text encoder.
 
-    ``references``/``targets``: ``[B, 3, H, W]`` in [0, 1]; ``sigma``: ``[B]``; ``noise``: ``[B, N, C]``.
+    ``references``/``targets``: ``[B, 3, H, W]`` in [0, 1] (K references of multi-subject examples in any form
+    ``policy.condition`` takes); ``sigma``: ``[B]``; ``noise``: ``[B, N, C]``.
     """
     x0 = policy.encode_images(targets)
     embeds, pooled = policy.text_encoder(prompts)
@@ -199,7 +208,7 @@ def conditioned_flow_matching_loss(
     """:func:`flow_matching_loss` through ``policy.condition`` (frozen text encoders): the LoRA fine-tuning
     path, which works for every policy (the mini one, UNO's T5 + CLIP). Same shapes."""
     x0 = policy.encode_images(targets)
-    cond = policy.condition(prompts, references.to(x0.device))
+    cond = policy.condition(prompts, references_to(references, x0.device))
     return _velocity_mse(policy, cond, x0, sigma, noise)
 
 
@@ -279,8 +288,9 @@ class ExampleBatcher:
             self._cache[index] = example
         return self._cache[index]
 
-    def next(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-        """(prompts, references ``[B, 3, H, W]``, targets ``[B, 3, H, W]``)."""
+    def next(self) -> tuple[list[str], References, torch.Tensor]:
+        """(prompts, references ``[B, 3, H, W]`` (all K subjects' for multi-subject examples: see
+        :func:`~cgrpo.train.subjects.condition_references`), targets ``[B, 3, H, W]``)."""
         indices = []
         while len(indices) < self.batch_size:
             if self.position == len(self.order):
@@ -291,7 +301,7 @@ class ExampleBatcher:
         examples = [self._get(i) for i in indices]
         return (
             [e.prompt for e in examples],
-            torch.stack([e.reference for e in examples]),
+            condition_references(examples),
             torch.stack([e.target for e in examples]),
         )
 
@@ -358,10 +368,11 @@ def _param_groups(modules: Sequence[nn.Module], weight_decay: float) -> list[dic
 
 @dataclass
 class SFTPreview:
-    """An SFT evaluation: fixed-seed metrics and ODE samples of the preview examples (``[E, 3, H, W]``)."""
+    """An SFT evaluation: fixed-seed metrics and ODE samples of the preview examples (``[E, 3, H, W]``);
+    ``references``: ``[E, 3, H, W]``, or a list of K such tensors for multi-subject examples."""
 
     metrics: dict[str, float]
-    references: torch.Tensor
+    references: torch.Tensor | list[torch.Tensor]
     images: torch.Tensor
     targets: torch.Tensor
 
@@ -377,7 +388,7 @@ def evaluate(
 ) -> SFTPreview:
     """Fixed-seed eval loss and ODE samples of held-out examples."""
     prompts = [e.prompt for e in examples]
-    references = torch.stack([e.reference for e in examples])
+    references = condition_references(examples)
     targets = torch.stack([e.target for e in examples])
     generator = torch.Generator().manual_seed(seed)
     n, c = policy.latent_shape
@@ -392,7 +403,8 @@ def evaluate(
         "eval/loss": float(loss),
         "eval/sample_mse": float(torch.mean((images - targets.to(images.device)) ** 2)),
     }
-    return SFTPreview(metrics, references, images.cpu(), targets)
+    shown = reference_list(references)
+    return SFTPreview(metrics, shown[0] if len(shown) == 1 else shown, images.cpu(), targets)
 
 
 def _trained_weights(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
@@ -547,6 +559,14 @@ def run_sft(
         train_data, default_eval = build_mini_data(config.data, config.seed)
         eval_data = default_eval if eval_data is None else eval_data
     eval_data = list(eval_data or [])
+    # Every example conditions on all its subjects' references: a batch needs one number of them.
+    subjects = subject_count(train_data, "SFT training")
+    preview_subjects = subject_count(eval_data, "SFT preview") if eval_data else subjects
+    if preview_subjects != subjects:
+        raise SubjectCountError(
+            f"the SFT preview examples have {preview_subjects} subject(s) each, the training examples "
+            f"{subjects}; both must have the same number"
+        )
 
     lora = config.model.lora
     checkpoint_dir = out / "checkpoints"
