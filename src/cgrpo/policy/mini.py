@@ -8,7 +8,7 @@ either random or the committed SFT base in ``cgrpo/assets/mini_base``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -122,9 +122,30 @@ def mini_base_path() -> Path | None:
     return path if (path / "transformer").is_dir() else None
 
 
+def add_words(policy: ReferenceFluxPolicy, words: Iterable[str]) -> list[str]:
+    """Teach the policy's word tokenizer ``words`` it does not know yet (e.g. the scene grammar's "above",
+    "of"), with new embedding rows in its text encoder; returns the words added.
+
+    Known words keep their ids and embeddings, so the policy's outputs for its old prompts do not change. The
+    new rows start as transformers initialises resized embeddings; training (SFT) gives them meaning.
+    """
+    from tokenizers import AddedToken
+
+    text = policy.text_encoder
+    tokenizer = text.clip_tokenizer
+    vocab = tokenizer.get_vocab()
+    new = sorted({w.lower() for w in words} - set(vocab))
+    if new:
+        # single_word: "of" is a word of its own, never the end of "roof".
+        tokenizer.add_tokens([AddedToken(w, single_word=True, normalized=True) for w in new])
+        text.clip.resize_token_embeddings(len(tokenizer))
+    return new
+
+
 @register("mini", help="tiny UNO-style FLUX policy of the mini world (committed SFT base, CPU)")
-def mini(path: str | Path | None = None, **kw: Any) -> ReferenceFluxPolicy:
-    """The mini world's policy: the committed SFT base, or the policy directory ``path``."""
+def mini(path: str | Path | None = None, extra_words: Sequence[str] = (), **kw: Any) -> ReferenceFluxPolicy:
+    """The mini world's policy: the committed SFT base, or the policy directory ``path``; ``extra_words``:
+    words to add to its tokenizer (:func:`add_words`), e.g. the scene grammar's for a two-subject base."""
     if path is None:
         path = mini_base_path()
         if path is None:
@@ -135,4 +156,6 @@ def mini(path: str | Path | None = None, **kw: Any) -> ReferenceFluxPolicy:
     path = Path(path)
     if not (path / "transformer").is_dir():
         raise FileNotFoundError(f"{path} is not a policy directory: expected a transformer/ subfolder")
-    return ReferenceFluxPolicy.from_pretrained(path, **kw)
+    policy = ReferenceFluxPolicy.from_pretrained(path, **kw)
+    add_words(policy, extra_words)
+    return policy
