@@ -158,3 +158,45 @@ class BatchReward(ABC):
     @abstractmethod
     def score_batch(self, batch: RewardBatch) -> torch.Tensor:
         """``[N]`` scores of a checked, non-empty batch."""
+
+
+def score_subjects(
+    reward: Reward,
+    images: ImageBatch,
+    references: Sequence[ImageBatch] | torch.Tensor,
+    prompts: Sequence[str],
+    subject_classes: Sequence[Sequence[str] | None] | None = None,
+) -> torch.Tensor:
+    """``[N, K]``: the identity of each of the K subjects of every image.
+
+    ``references``: K image batches, the k-th subject's reference per sample (``[N, 3, h_k, w_k]`` each,
+    sizes may differ between subjects), or one tensor ``[N, K, 3, H, W]``; ``subject_classes``: K lists of
+    N class names (or None). A reward with a ``score_subjects`` method scores jointly (e.g. assigning
+    detections to subjects, a missing subject scoring 0); any other reward is called once per subject.
+    """
+    if isinstance(references, torch.Tensor):
+        if references.ndim != 5:
+            raise ValueError(
+                "references of several subjects are a sequence of K batches [N, 3, h, w] or one tensor "
+                f"[N, K, 3, H, W], got a tensor of shape {tuple(references.shape)}"
+            )
+        references = list(references.unbind(1))
+    references = list(references)
+    k = len(references)
+    if k == 0:
+        raise ValueError("score_subjects needs at least one subject's references")
+    classes = list(subject_classes) if subject_classes is not None else [None] * k
+    if len(classes) != k:
+        raise ValueError(f"score_subjects: {k} subjects' references but {len(classes)} lists of classes")
+    n = len(images)
+    joint = getattr(reward, "score_subjects", None)
+    if callable(joint):
+        scores = joint(images, references, prompts, classes)
+    else:
+        scores = torch.stack(
+            [torch.as_tensor(reward(images, references[j], prompts, classes[j])) for j in range(k)], dim=1
+        )
+    if tuple(scores.shape) != (n, k):
+        name = getattr(reward, "name", type(reward).__name__)
+        raise ValueError(f"reward {name} scored subjects as {tuple(scores.shape)}, expected ({n}, {k})")
+    return scores
