@@ -1,4 +1,4 @@
-"""DINO-Seg with several subjects per image: optimal assignment of detections to subjects, and K = 1 = today."""
+"""DINO-Seg with several subjects per image: optimal assignment of detections; K = 1 equals today."""
 
 from __future__ import annotations
 
