@@ -236,3 +236,132 @@ def load_dreambench(
     """DreamBench as a lazily decoded dataset of :class:`~cgrpo.data.base.Example` (no targets)."""
     items = dreambench_examples(root, subjects, prompts_per_subject, unique_token)
     return JsonlDataset([item.to_record() for item in items], image_size=image_size, name=str(root))
+
+
+# --- the multi-subject protocol -----------------------------------------------------------------------
+
+MULTI_SUBJECT_FILE = "multi_subject.json"
+
+
+@dataclass(frozen=True)
+class MultiDreamBenchItem:
+    """One (subject pair, prompt) case of the multi-subject protocol; references are paths, not loaded."""
+
+    id: str  # "PAIR/NN", NN the prompt's index among the pair's prompts
+    pair: str  # the subjects joined by "+", e.g. "backpack_dog+bear_plushie"
+    subjects: tuple[str, ...]
+    subject_classes: tuple[str, ...]
+    category: str  # "object" | "live" | "mixed" (both kinds of subjects)
+    prompt: str
+    prompt_index: int
+    prompt_type: str  # "context" | "accessory" | "property", see _multi_prompt_type
+    references: tuple[Path, ...]  # one photo per subject, in the entry's order
+
+
+def _pair_category(classes: Sequence[str], live: frozenset[str] | set[str]) -> str:
+    kinds = {"live" if cls in live else "object" for cls in classes}
+    return kinds.pop() if len(kinds) == 1 else "mixed"
+
+
+def _multi_prompt_type(prompt: str, subjects: str) -> str:
+    """``context`` ("a dog and a cat in the snow"), ``accessory`` ("a dog wearing a red hat, next to it
+    is a cat") or ``property`` ("a red dog, next to it is a cat"), as the single-subject prompt kinds."""
+    if prompt.startswith(subjects + " "):
+        return "context"
+    return "accessory" if re.search(r"\b(wearing|outfit)\b", prompt) else "property"
+
+
+def multi_subject_examples(
+    root: str | Path,
+    protocol: str | Path | None = None,
+    pairs: Iterable[str] | None = None,
+    prompts_per_pair: int | None = None,
+    live_classes: Iterable[str] = LIVE_CLASSES,
+) -> list[MultiDreamBenchItem]:
+    """The multi-subject DreamBench protocol (UNO's ``dreambench_multiip.json``: 30 pairs x 25 prompts).
+
+    ``protocol``: a JSON list of ``{"prompt": str, "references": ["SUBJECT/NN.jpg", ...]}`` entries, paths
+    relative to ``root`` (default ``ROOT/multi_subject.json``); a subject is the folder of its photo and its
+    class comes from ``prompts_and_classes.txt``. ``pairs``: keep these pair ids (``"cat+dog"``) in the
+    given order; ``prompts_per_pair``: keep the first N prompts of each pair. Raises :class:`DatasetError`
+    naming every bad entry.
+    """
+    import json
+
+    root = Path(root).absolute()
+    spec = parse_prompts_and_classes(root / PROMPTS_FILE)
+    path = Path(protocol) if protocol is not None else root / MULTI_SUBJECT_FILE
+    if not path.is_file():
+        raise DatasetError(f"{path} not found: the multi-subject protocol is a JSON list of entries")
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise DatasetError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(entries, list) or not entries:
+        raise DatasetError(f"{path}: expected a non-empty JSON list of {{prompt, references}} entries")
+    live = set(live_classes)
+    problems: list[str] = []
+    items: list[MultiDreamBenchItem] = []
+    counts: dict[str, int] = {}
+    for number, entry in enumerate(entries):
+        where = f"{path}: entry {number}"
+        if not isinstance(entry, dict):
+            problems.append(f"{where}: expected an object with 'prompt' and 'references'")
+            continue
+        unknown = sorted(set(entry) - {"prompt", "references"})
+        prompt, references = entry.get("prompt"), entry.get("references")
+        if unknown:
+            problems.append(f"{where}: unknown key(s) {', '.join(unknown)}")
+        if not isinstance(prompt, str) or not prompt.strip():
+            problems.append(f"{where}: 'prompt' must be a non-empty string")
+            continue
+        where = f"{where} ({prompt!r})"
+        if (
+            not isinstance(references, list)
+            or not 2 <= len(references) <= 4
+            or not all(isinstance(r, str) and r for r in references)
+        ):
+            problems.append(f"{where}: 'references' must be a list of 2-4 image paths, one per subject")
+            continue
+        subjects = tuple(Path(r).parent.name for r in references)
+        bad = [r for r, s in zip(references, subjects, strict=True) if s not in spec.classes]
+        missing = [r for r in references if not (root / r).is_file()]
+        if bad:
+            problems.append(f"{where}: {', '.join(bad)} not in a DreamBench subject folder of {PROMPTS_FILE}")
+        if missing:
+            problems.append(f"{where}: reference image(s) {', '.join(missing)} not found under {root}")
+        if len(set(subjects)) != len(subjects):
+            problems.append(f"{where}: a subject appears twice in {references}")
+        if bad or missing or len(set(subjects)) != len(subjects):
+            continue
+        classes = tuple(spec.classes[s] for s in subjects)
+        pair = "+".join(subjects)
+        index = counts[pair] = counts.get(pair, -1) + 1
+        joined = " and ".join(f"a {cls}" for cls in classes)
+        items.append(
+            MultiDreamBenchItem(
+                id=f"{pair}/{index:02d}",
+                pair=pair,
+                subjects=subjects,
+                subject_classes=classes,
+                category=_pair_category(classes, live),
+                prompt=" ".join(prompt.split()),
+                prompt_index=index,
+                prompt_type=_multi_prompt_type(" ".join(prompt.split()), joined),
+                references=tuple(root / r for r in references),
+            )
+        )
+    if problems:
+        raise DatasetError(f"{path} is not a valid multi-subject protocol:", problems)
+    if pairs is not None:
+        wanted = list(pairs)
+        known = list(dict.fromkeys(item.pair for item in items))
+        unknown = [p for p in wanted if p not in known]
+        if unknown:
+            raise DatasetError(f"unknown subject pair(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        items = [item for p in wanted for item in items if item.pair == p]
+    if prompts_per_pair is not None:
+        if prompts_per_pair < 1:
+            raise DatasetError(f"prompts per pair must be at least 1, got {prompts_per_pair}")
+        items = [item for item in items if item.prompt_index < prompts_per_pair]
+    return items

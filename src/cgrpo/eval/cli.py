@@ -195,12 +195,54 @@ def eval_dreambench(
         int | None, typer.Option(help="Reference side in pixels (default: image size).")
     ] = None,
     ci_seed: Annotated[int, typer.Option(help="Seed of the bootstrap intervals.")] = 0,
+    multi: Annotated[
+        bool,
+        typer.Option(
+            "--multi",
+            help="The multi-subject track (UNO's 30 subject pairs x 25 prompts): conditioned on both "
+            "references, identity scored against each.",
+        ),
+    ] = False,
+    pairs: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="With --multi: only these subject pairs, e.g. cat+dog (comma-separated or repeated)."
+        ),
+    ] = None,
+    multi_protocol: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --multi: the protocol JSON (default: multi_subject.json in the DreamBench folder)."
+        ),
+    ] = None,
 ) -> None:
-    """DreamBench: 30 subjects x 25 prompts x N images, scored with DINO, CLIP-I, CLIP-T and HPS-v3."""
+    """DreamBench: 30 subjects x 25 prompts x N images, scored with DINO, CLIP-I, CLIP-T and HPS-v3; with
+    --multi, its multi-subject track (30 pairs x 25 prompts, each image scored against both references)."""
     from cgrpo.eval.dreambench import dreambench_task
 
     chosen = _metrics(metrics, metric_option)
     settings = _settings(policy, policy_option, lora, steps, shift, seed, reference_size)
+    if multi:
+        _dreambench_multi(
+            out,
+            settings,
+            chosen,
+            device,
+            dreambench_root=dreambench_root,
+            protocol=multi_protocol,
+            pairs=_split(pairs),
+            prompts_per_pair=prompts_per_subject,
+            subjects=subjects,
+            identity_references=identity_references,
+            images_per_prompt=images_per_prompt,
+            batch_size=batch_size,
+            score_batch_size=score_batch_size,
+            method=method,
+            ci_seed=ci_seed,
+        )
+        return
+    if pairs or multi_protocol:
+        raise ValueError("--pairs and --multi-protocol select the multi-subject track: add --multi")
     task = dreambench_task(
         dreambench_root, _split(subjects), prompts_per_subject, unique_token, reference_index
     )
@@ -218,6 +260,56 @@ def eval_dreambench(
         identity_references=identity_references,
         ci_seed=ci_seed,
     )
+
+
+def _dreambench_multi(
+    out: Path,
+    settings: GenerationSettings,
+    metrics: tuple[list[str], dict[str, dict[str, Any]]],
+    device: str | None,
+    dreambench_root: Path | None,
+    protocol: Path | None,
+    pairs: list[str] | None,
+    prompts_per_pair: int | None,
+    subjects: list[str] | None,
+    identity_references: str,
+    **options: Any,
+) -> None:
+    """``eval dreambench --multi``: generate and score the multi-subject track, then print the summary."""
+    from cgrpo.eval.dreambench import dreambench_multi_task
+    from cgrpo.eval.multi import run_multi_benchmark
+    from cgrpo.eval.runner import format_interval
+
+    if subjects:
+        raise ValueError("--subjects selects single subjects; with --multi choose pairs with --pairs a+b")
+    if identity_references != "reference":
+        raise ValueError("--identity-references all is not defined for --multi: each subject has one photo")
+    names, metric_options = metrics
+    task = dreambench_multi_task(dreambench_root, protocol, pairs, prompts_per_pair)
+    method = options.get("method") or settings.policy
+    summary = run_multi_benchmark(
+        task,
+        out,
+        settings,
+        names,
+        metric_options,
+        device=_device(device),
+        title=f"DreamBench multi-subject: {method}",
+        **options,
+    )
+    _print_summary(summary, out)
+    labels, identity = summary["labels"], list(summary["weakest"])
+    if identity:
+        table = Table("subject", *(labels.get(m, m) for m in identity))
+        for j, block in summary["per_subject"].items():
+            table.add_row(j, *(format_interval(block[m]) for m in identity))
+        table.add_row("[bold]weakest[/]", *(format_interval(summary["weakest"][m]) for m in identity))
+        console.print(table)
+    for metric, counts in summary["failures"].items():
+        console.print(
+            f"{labels.get(metric, metric)}: {counts['missing']} missing subjects, "
+            f"{counts['images_with_confused']} images with a subject drawn twice, of {counts['n_images']}"
+        )
 
 
 @eval_app.command("mini")

@@ -23,8 +23,15 @@ from pathlib import Path
 import torch
 
 from cgrpo.config import ConfigError
-from cgrpo.data.dreambench import PROMPTS_FILE, DreamBenchItem, dreambench_examples, parse_prompts_and_classes
+from cgrpo.data.dreambench import (
+    PROMPTS_FILE,
+    DreamBenchItem,
+    dreambench_examples,
+    multi_subject_examples,
+    parse_prompts_and_classes,
+)
 from cgrpo.data.formats import DatasetError
+from cgrpo.eval.multi import MultiCase, MultiEvalTask
 from cgrpo.eval.runner import Case, EvalTask, load_image
 
 ENV_VAR = "CGRPO_DREAMBENCH"
@@ -123,4 +130,50 @@ def dreambench_task(
         reference=lambda subject: reference(subject).clone(),
         reference_path=lambda subject: str(reference_file(subject)),
         identity_references=all_references,
+    )
+
+
+def dreambench_multi_task(
+    root: str | Path | None = None,
+    protocol: str | Path | None = None,
+    pairs: list[str] | None = None,
+    prompts_per_pair: int | None = None,
+) -> MultiEvalTask:
+    """DreamBench's multi-subject track (``ROOT/multi_subject.json``, UNO's 30 pairs x 25 prompts, or the
+    ``protocol`` file given) as a :class:`MultiEvalTask`; ``pairs``: only these ``"a+b"`` pairs; the first
+    ``prompts_per_pair`` prompts of each. References are the protocol's photos, loaded lazily and cached."""
+    try:
+        items = multi_subject_examples(find_root(root).resolve(), protocol, pairs or None, prompts_per_pair)
+    except DatasetError as error:
+        raise ConfigError(str(error)) from error
+    photos: dict[str, Path] = {}
+    for item in items:
+        for subject, path in zip(item.subjects, item.references, strict=True):
+            if photos.setdefault(subject, path) != path:
+                raise ConfigError(
+                    f"subject {subject!r} has two reference photos in the protocol ({photos[subject].name}, "
+                    f"{path.name}); one photo per subject is expected"
+                )
+
+    @cache
+    def reference(subject: str) -> torch.Tensor:
+        return load_image(photos[subject])
+
+    cases = [
+        MultiCase(
+            item.pair,
+            " + ".join(item.subject_classes),
+            item.category,
+            item.prompt_type,
+            item.prompt,
+            subjects=item.subjects,
+            subject_classes=item.subject_classes,
+        )
+        for item in items
+    ]
+    return MultiEvalTask(
+        name="dreambench_multi",
+        cases=cases,
+        reference=lambda subject: reference(subject).clone(),
+        reference_path=lambda subject: str(photos[subject]),
     )
