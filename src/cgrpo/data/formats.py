@@ -42,7 +42,7 @@ import difflib
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -489,6 +489,43 @@ class JsonlDataset:
         self.records = list(records)
         self.image_size = image_hw(image_size) if image_size is not None else None
         self.name = name
+        # Set by prepare_references_with: references then keep their own size, as the policy prepares them.
+        self._prepare: Callable[[list[Image.Image]], list[torch.Tensor]] | None = None
+
+    def prepare_references_with(self, prepare: Callable[[list[Image.Image]], list[torch.Tensor]]) -> None:
+        """Hand the decoded reference images of each record (all of them, not fitted to ``image_size``) to
+        ``prepare`` (a policy's ``prepare_references``: UNO keeps the aspect ratio) instead of fitting them
+        to ``image_size``; targets stay fitted."""
+        self._prepare = prepare
+
+    def reference_size_key(self, index: int) -> tuple[tuple[int, int], ...]:
+        """The original ``(width, height)`` of each reference of example ``index`` (read from the file
+        headers, nothing decoded): examples with equal keys get equally sized prepared references."""
+        record = self.records[index]
+        sizes = []
+        for path in record.references:
+            try:
+                with Image.open(path) as image:
+                    sizes.append(ImageOps.exif_transpose(image).size)
+            except (OSError, ValueError, Image.DecompressionBombError) as error:
+                raise DatasetError(
+                    f"{record.source}:{record.line}: cannot read reference {path}: {error}"
+                ) from error
+        return tuple(sizes)
+
+    def _load_references(self, record: Record) -> list[torch.Tensor]:
+        if self._prepare is None:
+            return [self._load(record, "reference", path) for path in record.references]
+        images = []
+        for path in record.references:
+            try:
+                images.append(open_rgb(path))
+            except (OSError, ValueError, Image.DecompressionBombError) as error:
+                raise DatasetError(
+                    f"{record.source}:{record.line}: cannot load reference {path}: {error} "
+                    "(run `cgrpo data validate` on the dataset)"
+                ) from error
+        return self._prepare(images)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -519,15 +556,18 @@ class JsonlDataset:
             subject_id=record.subject,
             subject_class=record.subject_class,
             prompt=record.prompt,
-            reference=self._load(record, "reference", record.references[0]),
+            reference=(
+                self._load(record, "reference", record.references[0])
+                if self._prepare is None
+                else self._load_references(record)[0]
+            ),
             target=self._load(record, "target", target) if target is not None else None,
             kind=record.kind,
         )
 
     def references(self, index: int) -> list[torch.Tensor]:
         """All reference images of example ``index`` (``[3, H, W]``); the first is ``Example.reference``."""
-        record = self.records[index]
-        return [self._load(record, "reference", path) for path in record.references]
+        return self._load_references(self.records[index])
 
 
 def load_dataset(

@@ -63,6 +63,7 @@ from cgrpo.train.components import (
     build_rewards,
     record_world_version,
     score_with_retries,
+    use_policy_references,
     validate_data,
 )
 from cgrpo.train.config import GRPOConfig
@@ -111,7 +112,12 @@ class GRPOTrainer:
         if not self.heldout and self.dist.is_main:
             log.warning(NO_HELDOUT)
         self.identity_reward, self.prompt_reward = build_rewards(config)
-        self.sampler = BatchSampler(len(self.train_set), config.train.prompts_per_iteration, config.seed)
+        # Policies that keep each reference's own size prepare the dataset's references themselves; a batch
+        # then only mixes examples whose references share their sizes (bucketing).
+        bucket_keys = use_policy_references(self.train_set, self.policy)
+        self.sampler = BatchSampler(
+            len(self.train_set), config.train.prompts_per_iteration, config.seed, keys=bucket_keys
+        )
         # DDP/FSDP wrapping comes before the optimiser: FSDP replaces the parameters by sharded ones.
         self.train_velocity = self.dist.wrap(self.policy)
         params = list(self.policy.trainable_parameters())
