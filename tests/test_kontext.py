@@ -24,7 +24,9 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def policy(tiny) -> KontextPolicy:
-    return build("flux-kontext", **tiny, image_size=SIZE)
+    # References kept at SIZE (the pipeline's `_auto_resize=False` path): the pipeline's default ~1 MP
+    # preferred resolution is far too slow for tiny CPU models; test_prepare_references_* checks it.
+    return build("flux-kontext", **tiny, image_size=SIZE, reference_size=SIZE)
 
 
 def _reference_images(seed: int = 0) -> list[Image.Image]:
@@ -104,7 +106,7 @@ def test_defaults(tiny):
 
 
 def test_grpo_style_velocity_call(tiny):
-    policy = build("flux-kontext", **tiny, image_size=SIZE)
+    policy = build("flux-kontext", **tiny, image_size=SIZE, reference_size=SIZE)
     policy.add_lora(rank=4, alpha=4)
     policy.train()
     references = torch.rand(2, 3, SIZE, SIZE)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from cgrpo.policy import build
+from cgrpo.policy.flux import reference_list
 from cgrpo.policy.flux_backbone import resize_references
 from cgrpo.policy.uno import UnoPolicy, uno_shift, uno_sigmas
 from cgrpo.policy.uno_lora import (
@@ -234,7 +235,7 @@ def test_policy_matches_independent_uno_forward(tiny, policy, num_references):
         cond = policy.condition(PROMPTS, references)
         ours = policy.velocity(latents, sigma, cond)
         # UNO sizes several references down (0.625); that resize is preprocessing, not the layout under test.
-        refs = policy.preprocess_references(references if num_references > 1 else references[:, None])
+        refs = torch.stack(policy.preprocess_references(reference_list(references)), dim=1)
         expected = uno_reference_forward(
             transformer,
             latents,

@@ -35,3 +35,43 @@ def grid(columns: Sequence[torch.Tensor], scale: int = 4, pad: int = 2, backgrou
 
 def save_png(image: Image.Image, path: str | Path) -> Path:
     return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def square_resize(image: torch.Tensor, size: int) -> torch.Tensor:
+    """``[3, H, W]`` -> ``[3, size, size]``: centre crop to a square, then a bicubic (antialiased) resize."""
+    _, h, w = image.shape
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    image = image[:, top : top + side, left : left + side]
+    if side == size:
+        return image.clone()
+    resized = torch.nn.functional.interpolate(
+        image[None], size=(size, size), mode="bicubic", antialias=True, align_corners=False
+    )
+    return resized[0].clamp(0.0, 1.0)
+
+
+def tensor_to_pil(image: torch.Tensor) -> Image.Image:
+    """``[3, H, W]`` in [0, 1] -> an RGB PIL image (8-bit; lossless for images read from 8-bit files)."""
+    return Image.fromarray(to_uint8(image[None])[0])
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float32 ``[3, H, W]`` in [0, 1]."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def uno_preprocess_ref(image: Image.Image, long_size: int, multiple: int = 16) -> Image.Image:
+    """UNO's ``preprocess_ref`` (``uno/flux/pipeline.py`` of bytedance/UNO): scale so the long side is
+    ``long_size`` keeping the aspect ratio (LANCZOS; the short side truncated by ``int``), then centre-crop
+    each side down to a multiple of ``multiple`` (16 in UNO: VAE /8, then 2x2 patches)."""
+    width, height = image.size
+    if width >= height:
+        new_w, new_h = long_size, int(long_size / width * height)
+    else:
+        new_w, new_h = int(long_size / height * width), long_size
+    image = image.resize((new_w, new_h), resample=Image.Resampling.LANCZOS)
+    target_w, target_h = new_w // multiple * multiple, new_h // multiple * multiple
+    left, top = (new_w - target_w) // 2, (new_h - target_h) // 2
+    return image.crop((left, top, left + target_w, top + target_h)).convert("RGB")

@@ -4,8 +4,10 @@
 Sampling is the deterministic Euler ODE of the backbone's own schedule (``policy.sigmas``: UNO's shift for
 ``uno``, the pipeline's for Kontext / FLUX.2 [klein]) with the backbone's default step count and guidance
 unless overridden. Image ``i`` of a call starts from the noise of ``seed + i`` (so an image does not depend on
-what else is in the batch). References are resized and centre-cropped to the generated image's size, as the
-training data are, then preprocessed by the policy (UNO's reference sizing).
+what else is in the batch). References are preprocessed as the backbone's pipeline does
+(:meth:`Policy.prepare_references`: UNO keeps the aspect ratio at long side 512, or 320 with several;
+Kontext and FLUX.2 [klein] as their diffusers pipelines; the mini policy a square of its image size), each
+reference at its own size.
 """
 
 from __future__ import annotations
@@ -26,31 +28,26 @@ ReferenceLike = Image.Image | str | Path | torch.Tensor
 References = ReferenceLike | Sequence[ReferenceLike]
 
 
-def _as_tensor(reference: ReferenceLike, size: tuple[int, int]) -> torch.Tensor:
-    """One reference -> ``[3, H, W]`` in [0, 1] at ``size`` (cover + centre crop)."""
-    from cgrpo.data.formats import fit, open_rgb, pil_to_tensor
+def _open(reference: ReferenceLike) -> Image.Image | torch.Tensor:
+    """A path is decoded (EXIF rotation honoured); PIL images and ``[3, H, W]`` tensors stay as they are."""
+    from cgrpo.data.formats import open_rgb
 
-    if isinstance(reference, torch.Tensor):
-        image = reference.float()
-        if image.shape[-2:] == size:
-            return image
-        from cgrpo.imaging import to_uint8
-
-        reference = Image.fromarray(to_uint8(image[None])[0])
     if isinstance(reference, str | Path):
         if not Path(reference).is_file():
             raise FileNotFoundError(f"reference image {reference} does not exist")
-        reference = open_rgb(reference)
-    return pil_to_tensor(fit(reference.convert("RGB"), size))
+        return open_rgb(reference)
+    if isinstance(reference, torch.Tensor):
+        return reference.float()
+    return reference.convert("RGB")
 
 
-def _reference_stack(references: References, size: tuple[int, int]) -> torch.Tensor:
-    """One pair's reference(s) -> ``[K, 3, H, W]``."""
+def _prepared(policy: Policy, references: References) -> list[torch.Tensor]:
+    """One pair's K reference(s) -> K tensors ``[3, H_k, W_k]`` as the policy prepares them."""
     if isinstance(references, Image.Image | str | Path) or (
         isinstance(references, torch.Tensor) and references.ndim == 3
     ):
         references = [references]
-    return torch.stack([_as_tensor(r, size) for r in references])
+    return policy.prepare_references([_open(r) for r in references])
 
 
 @torch.no_grad()
@@ -79,9 +76,8 @@ def sample(
     seeds = [seed + i for i in range(len(prompts))] if seeds is None else list(seeds)
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-    size = tuple(policy.image_size)
     sigmas = schedule(policy, num_steps)
-    stacks = [None if r is None else _reference_stack(r, size) for r in references]
+    stacks = [None if r is None else _prepared(policy, r) for r in references]
     was_training = policy.training
     policy.eval()
     images: list[Image.Image] = []
@@ -89,7 +85,12 @@ def sample(
         # The policy's own guidance unless one is given (:meth:`Policy.override_guidance`).
         with contextlib.nullcontext() if guidance is None else policy.override_guidance(guidance):
             for chunk in _chunks(stacks, batch_size):
-                refs = None if stacks[chunk[0]] is None else torch.stack([stacks[i] for i in chunk])
+                first = stacks[chunk[0]]
+                refs = (
+                    None
+                    if first is None
+                    else [torch.stack([stacks[i][k] for i in chunk]) for k in range(len(first))]
+                )
                 cond = policy.condition([prompts[i] for i in chunk], refs)
                 # Noise is drawn on the CPU (the same numbers on any machine), then integrated on the device.
                 decoded = seeded_images(policy, cond, [seeds[i] for i in chunk], sigmas)
@@ -99,12 +100,13 @@ def sample(
     return images
 
 
-def _chunks(stacks: Sequence[torch.Tensor | None], batch_size: int) -> Iterator[list[int]]:
-    """Index chunks of at most ``batch_size`` pairs whose references stack (same count, or all None)."""
+def _chunks(stacks: Sequence[list[torch.Tensor] | None], batch_size: int) -> Iterator[list[int]]:
+    """Index chunks of at most ``batch_size`` consecutive pairs whose references batch together (the same
+    count and sizes, or all None)."""
     chunk: list[int] = []
-    chunk_key: int | None = None
+    chunk_key: tuple | None = None
     for i, stack in enumerate(stacks):
-        key = None if stack is None else stack.shape[0]
+        key = None if stack is None else tuple(tuple(r.shape) for r in stack)
         if chunk and (len(chunk) >= batch_size or key != chunk_key):
             yield chunk
             chunk = []

@@ -51,7 +51,7 @@ import difflib
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -614,6 +614,45 @@ class JsonlDataset:
         self.records = list(records)
         self.image_size = image_hw(image_size) if image_size is not None else None
         self.name = name
+        # Set by prepare_references_with: references then keep their own size, as the policy prepares them.
+        self._prepare: Callable[[list[Image.Image]], list[torch.Tensor]] | None = None
+
+    def prepare_references_with(self, prepare: Callable[[list[Image.Image]], list[torch.Tensor]]) -> None:
+        """Hand the decoded reference images of each record (all of them, not fitted to ``image_size``) to
+        ``prepare`` (a policy's ``prepare_references``: UNO keeps the aspect ratio) instead of fitting them
+        to ``image_size``; targets stay fitted."""
+        self._prepare = prepare
+
+    def reference_size_key(self, index: int) -> tuple[tuple[int, int], ...]:
+        """The original ``(width, height)`` of each conditioning reference of example ``index`` (read from
+        the file headers, nothing decoded): examples with equal keys get equally sized prepared references."""
+        record = self.records[index]
+        sizes = []
+        for role, path in _conditioning_references(record):
+            try:
+                with Image.open(path) as image:
+                    sizes.append(ImageOps.exif_transpose(image).size)
+            except (OSError, ValueError, Image.DecompressionBombError) as error:
+                raise DatasetError(
+                    f"{record.source}:{record.line}: cannot read {role} {path}: {error}"
+                ) from error
+        return tuple(sizes)
+
+    def _load_references(self, record: Record, references: Sequence[tuple[str, Path]]) -> list[torch.Tensor]:
+        """``references`` ((role, path) pairs) fitted to ``image_size``, or prepared together by the policy
+        (UNO sizes several references smaller than one)."""
+        if self._prepare is None:
+            return [self._load(record, role, path) for role, path in references]
+        images = []
+        for role, path in references:
+            try:
+                images.append(open_rgb(path))
+            except (OSError, ValueError, Image.DecompressionBombError) as error:
+                raise DatasetError(
+                    f"{record.source}:{record.line}: cannot load {role} {path}: {error} "
+                    "(run `cgrpo data validate` on the dataset)"
+                ) from error
+        return self._prepare(images)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -640,27 +679,35 @@ class JsonlDataset:
         record = self.records[index]
         target = record.target
         extra = record.extra_subjects
+        references = self._load_references(record, _conditioning_references(record))
         return Example(
             id=record.id,
             # a multi-subject example's subject is the combination: records of the same subjects share it
             subject_id="+".join(entry.subject for entry in record.subjects) if extra else record.subject,
             subject_class=record.subject_class,
             prompt=record.prompt,
-            reference=self._load(record, "reference", record.references[0]),
+            reference=references[0],
             target=self._load(record, "target", target) if target is not None else None,
             kind=record.kind,
-            extra_references=tuple(
-                self._load(record, f"{SUBJECTS_KEY}[{k}].reference", entry.references[0])
-                for k, entry in enumerate(extra, start=1)
-            ),
+            extra_references=tuple(references[1:]),
             extra_classes=tuple(entry.subject_class for entry in extra),
         )
 
     def references(self, index: int) -> list[torch.Tensor]:
-        """All reference images of example ``index``'s first subject (``[3, H, W]``); the first is
-        ``Example.reference`` (the other subjects' are in ``record(index).extra_subjects``)."""
+        """All reference images of example ``index``'s first subject (``[3, H, W]``, prepared together by
+        the policy when it sizes references itself); the first is ``Example.reference`` (the other subjects'
+        are in ``record(index).extra_subjects``)."""
         record = self.records[index]
-        return [self._load(record, "reference", path) for path in record.references]
+        return self._load_references(record, [("reference", path) for path in record.references])
+
+
+def _conditioning_references(record: Record) -> list[tuple[str, Path]]:
+    """What a policy is conditioned on: each subject's first reference image, as (role, path) pairs."""
+    first = [("reference", record.references[0])]
+    return first + [
+        (f"{SUBJECTS_KEY}[{k}].reference", entry.references[0])
+        for k, entry in enumerate(record.extra_subjects, start=1)
+    ]
 
 
 def load_dataset(

@@ -334,7 +334,7 @@ def frequency_curves(
 def frequency_analysis(
     policy,
     prompts: Sequence[str],
-    references: torch.Tensor,
+    references: torch.Tensor | Sequence[torch.Tensor],
     seeds: Sequence[int],
     sigmas: torch.Tensor,
     out: str | Path,
@@ -342,17 +342,19 @@ def frequency_analysis(
     batch_size: int = 8,
     show: int = 4,
 ) -> dict[str, Any]:
-    """Fig. 4 over (prompt, reference ``[B, 3, H, W]``, seed) triples -> ``frequency.json``, ``frequency.png``
-    (normalised curves per step) and ``frequency_progression.png`` (x0_hat per step for ``show`` samples)."""
+    """Fig. 4 over (prompt, reference ``[3, h, w]``, seed) triples -> ``frequency.json``, ``frequency.png``
+    (normalised curves per step) and ``frequency_progression.png`` (x0_hat per step for ``show`` samples).
+    References of different sizes (UNO keeps their aspect ratio) go to different forward batches."""
     from cgrpo.train.sampling import seeded_noise
 
     out = Path(out)
     device = policy.device
     all_spectra: list[list[torch.Tensor]] = []
     shown: list[list[torch.Tensor]] = []
-    for start in range(0, len(prompts), batch_size):
-        stop = min(start + batch_size, len(prompts))
-        cond = policy.condition(list(prompts[start:stop]), references[start:stop].to(device))
+    for start, stop in _same_size_batches(references, batch_size):
+        cond = policy.condition(
+            list(prompts[start:stop]), torch.stack(list(references[start:stop])).to(device)
+        )
         keep = max(0, min(show - start, stop - start))
         noise = seeded_noise(policy, seeds[start:stop])
         spectra, kept = denoising_predictions(policy, cond, noise, sigmas, keep=keep)
@@ -383,12 +385,35 @@ def frequency_analysis(
     return result
 
 
+def _same_size_batches(references: Sequence[torch.Tensor], batch_size: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` runs of at most ``batch_size`` consecutive references of one size."""
+    runs: list[tuple[int, int]] = []
+    start = 0
+    for index in range(1, len(references) + 1):
+        if (
+            index == len(references)
+            or index - start >= batch_size
+            or references[index].shape != references[start].shape
+        ):
+            runs.append((start, index))
+            start = index
+    return runs
+
+
 def frequency_pairs(
-    source: str, num_pairs: int, image_size: int, seed: int = 0, dreambench_root: str | Path | None = None
-) -> tuple[list[str], torch.Tensor, list[int]]:
-    """(prompts, references ``[B, 3, S, S]``, seeds) of ``num_pairs`` (reference, prompt) pairs drawn without
-    replacement (seeded) from the mini world's held-out set or from DreamBench."""
-    from cgrpo.eval.runner import item_seed, square_resize
+    source: str,
+    num_pairs: int,
+    image_size: int,
+    seed: int = 0,
+    dreambench_root: str | Path | None = None,
+    policy=None,
+) -> tuple[list[str], torch.Tensor | list[torch.Tensor], list[int]]:
+    """(prompts, references, seeds) of ``num_pairs`` (reference, prompt) pairs drawn without replacement
+    (seeded) from the mini world's held-out set or from DreamBench. References: ``[B, 3, S, S]`` squares of
+    ``image_size``, or with ``policy`` a list of ``[3, h, w]`` as the policy prepares them
+    (:meth:`~cgrpo.policy.base.Policy.prepare_references`)."""
+    from cgrpo.eval.runner import item_seed
+    from cgrpo.imaging import square_resize
 
     if source == "mini":
         from cgrpo.eval.mini import mini_task
@@ -404,8 +429,11 @@ def frequency_pairs(
         raise ValueError(f"--num-pairs must be at least 1, got {num_pairs}")
     order = np.random.default_rng(seed).permutation(len(task.cases))[:num_pairs]
     cases = [task.cases[i] for i in sorted(order)]
+    prompts, seeds = [c.prompt for c in cases], [item_seed(seed, c.subject, c.prompt, 0) for c in cases]
+    if policy is not None:
+        return prompts, [policy.prepare_references([task.reference(c.subject)])[0] for c in cases], seeds
     references = torch.stack([square_resize(task.reference(c.subject), image_size) for c in cases])
-    return [c.prompt for c in cases], references, [item_seed(seed, c.subject, c.prompt, 0) for c in cases]
+    return prompts, references, [item_seed(seed, c.subject, c.prompt, 0) for c in cases]
 
 
 def _save_progression(
@@ -413,14 +441,13 @@ def _save_progression(
 ) -> Path:
     """Fig. 4 (left): reference, then x0_hat at up to ``columns`` evenly spaced steps (the last included),
     one row per shown sample; tiles are at most 128 px."""
-    from cgrpo.eval.runner import square_resize
-    from cgrpo.imaging import grid, save_png
+    from cgrpo.imaging import grid, save_png, square_resize
 
     steps = sorted({int(round(t)) for t in np.linspace(0, num_steps - 1, min(num_steps, columns))})
     tiles = [torch.cat([batch[t] for batch in shown]) for t in steps]
     size = min(128, tiles[0].shape[-1])
     fit = lambda images: torch.stack([square_resize(image, size) for image in images])  # noqa: E731
-    grid_columns = [fit(references[: len(tiles[0])].float())] + [fit(tile) for tile in tiles]
+    grid_columns = [fit([r.float() for r in references[: len(tiles[0])]])] + [fit(tile) for tile in tiles]
     return save_png(grid(grid_columns, scale=max(1, 96 // size)), path)
 
 

@@ -172,7 +172,8 @@ def eval_dreambench(
     ] = None,
     steps: Annotated[int, typer.Option(help="ODE sampling steps.")] = 25,
     shift: Annotated[
-        float | None, typer.Option(help="Static sigma shift (default: FLUX's dynamic shift).")
+        float | None,
+        typer.Option(help="Static sigma shift (default: the policy's own schedule, e.g. UNO's 1.583)."),
     ] = None,
     seed: Annotated[int, typer.Option(help="Base seed; each image's seed derives from it.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Images generated per forward pass.")] = 4,
@@ -192,7 +193,11 @@ def eval_dreambench(
         ),
     ] = "reference",
     reference_size: Annotated[
-        int | None, typer.Option(help="Reference side in pixels (default: image size).")
+        int | None,
+        typer.Option(
+            help="Square references of this side (default: the policy's own preprocessing, e.g. UNO's "
+            "aspect-kept long side 512)."
+        ),
     ] = None,
     ci_seed: Annotated[int, typer.Option(help="Seed of the bootstrap intervals.")] = 0,
     multi: Annotated[
@@ -424,9 +429,10 @@ def analyze_exploration(
     from cgrpo.eval.runner import resolve_lora
     from cgrpo.io import atomic_write_json
     from cgrpo.rewards.mini import reward_breakdown
-    from cgrpo.sde import flux_sigmas, steps_to_mask
+    from cgrpo.sde import steps_to_mask
     from cgrpo.train.components import build_datasets, build_policy, build_rewards
     from cgrpo.train.config import GRPOConfig
+    from cgrpo.train.sampling import schedule
 
     cfg = load_config(GRPOConfig, config, list(overrides or []))
     if cfg.data.name == "mini":
@@ -439,7 +445,7 @@ def analyze_exploration(
         raise ValueError(f"{config}: the dataset has no held-out examples to explore")
     identity, prompt = build_rewards(cfg)
     s = cfg.sampling
-    sigmas = flux_sigmas(s.num_steps, image_seq_len=policy.latent_shape[0], shift=s.shift)
+    sigmas = schedule(policy, s.num_steps, s.shift)
     # the first sampling.sde_steps steps are stochastic (default all but the last), as in training
     sde_steps = steps_to_mask(
         torch.arange(s.num_steps - 1 if s.sde_steps is None else s.sde_steps), s.num_steps
@@ -497,7 +503,9 @@ def analyze_frequency(
     ] = "",
     num_pairs: Annotated[int, typer.Option(help="Number of (reference, prompt) pairs averaged.")] = 16,
     steps: Annotated[int, typer.Option(help="ODE steps of the trajectory.")] = 25,
-    shift: Annotated[float | None, typer.Option(help="Static sigma shift.")] = None,
+    shift: Annotated[
+        float | None, typer.Option(help="Static sigma shift (default: the policy's own schedule).")
+    ] = None,
     cutoff: Annotated[
         float, typer.Option(help="Low/high boundary in cycles per pixel (Nyquist = 0.5).")
     ] = 0.125,
@@ -511,15 +519,15 @@ def analyze_frequency(
     """Frequency analysis of denoising (Fig. 4): band energies of x0_hat = x_t - sigma * v per ODE step."""
     from cgrpo.eval.analyses import frequency_analysis, frequency_pairs
     from cgrpo.eval.runner import build_eval_policy, policy_image_size
-    from cgrpo.sde import flux_sigmas
+    from cgrpo.train.sampling import schedule
 
     settings = _settings(policy, policy_option, lora, steps, shift, seed, None)
     model = build_eval_policy(settings, _device(device))
     size = policy_image_size(model) or 512
-    prompts, references, seeds = frequency_pairs(
-        source or ("mini" if policy == "mini" else "dreambench"), num_pairs, size, seed, dreambench_root
-    )
-    sigmas = flux_sigmas(steps, image_seq_len=model.latent_shape[0], shift=shift)
+    source = source or ("mini" if policy == "mini" else "dreambench")
+    prompts, references, seeds = frequency_pairs(source, num_pairs, size, seed, dreambench_root, policy=model)
+    # The policy's own schedule (UNO's shift for `uno`) unless --shift asks for a static one.
+    sigmas = schedule(model, steps, shift)
     result = frequency_analysis(model, prompts, references, seeds, sigmas, out, cutoff, batch_size)
     low, high = result["low_converged"], result["high_converged"]
     half = len(low) // 2

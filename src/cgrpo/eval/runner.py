@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from cgrpo.config import ConfigError
 from cgrpo.eval import metrics as metric_info
 from cgrpo.eval.stats import DEFAULT_RESAMPLES, bootstrap_mean
-from cgrpo.imaging import grid, save_png
+from cgrpo.imaging import grid, save_png, square_resize
 from cgrpo.io import atomic_write_json, atomic_write_text
 from cgrpo.policy.base import Policy
 from cgrpo.train.sampling import item_seed, seeded_images
@@ -113,7 +113,8 @@ class GenerationSettings:
     steps: int = 25
     shift: float | None = None
     seed: int = 0
-    reference_size: int | None = None  # None: the policy's image size
+    # None: each policy's own reference preprocessing (Policy.prepare_references); N: squares of side N
+    reference_size: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -167,20 +168,6 @@ def load_image(path: str | Path) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def square_resize(image: torch.Tensor, size: int) -> torch.Tensor:
-    """``[3, H, W]`` -> ``[3, size, size]``: centre crop to a square, then a bicubic (antialiased) resize."""
-    _, h, w = image.shape
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    image = image[:, top : top + side, left : left + side]
-    if side == size:
-        return image.clone()
-    resized = torch.nn.functional.interpolate(
-        image[None], size=(size, size), mode="bicubic", antialias=True, align_corners=False
-    )
-    return resized[0].clamp(0.0, 1.0)
-
-
 def _to_pil(image: torch.Tensor) -> Image.Image:
     array = (
         (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0).round().astype(np.uint8)
@@ -192,16 +179,21 @@ def _to_pil(image: torch.Tensor) -> Image.Image:
 def generate_images(
     policy: Policy,
     prompts: Sequence[str],
-    references: torch.Tensor,
+    references: torch.Tensor | Sequence[torch.Tensor],
     seeds: Sequence[int],
     sigmas: torch.Tensor,
 ) -> torch.Tensor:
-    """ODE samples ``[B, 3, H, W]`` in [0, 1] for B (prompt, reference ``[B, 3, h, w]``, seed) triples.
+    """ODE samples ``[B, 3, H, W]`` in [0, 1] for B (prompt, reference(s), seed) triples; ``references``:
+    ``[B, 3, h, w]`` or K tensors ``[B, 3, h_k, w_k]`` (what :meth:`Policy.condition` takes).
 
     Each sample's initial noise comes from its own seed, so the result does not depend on the batch; the
     trainer's held-out evaluation samples the same way (:func:`cgrpo.train.sampling.seeded_images`).
     """
-    cond = policy.condition(list(prompts), references.to(policy.device))
+    if isinstance(references, torch.Tensor):
+        references = references.to(policy.device)
+    else:
+        references = [reference.to(policy.device) for reference in references]
+    cond = policy.condition(list(prompts), references)
     return seeded_images(policy, cond, seeds, sigmas).float().cpu()
 
 
@@ -325,33 +317,59 @@ def generate_missing(
     missing = [item for item in items if not (out / item.image).is_file()]
     if not missing:
         return []
-    from cgrpo.sde import flux_sigmas
+    from cgrpo.train.sampling import schedule
 
     policy = policy_factory()
-    size = settings.reference_size or policy_image_size(policy) or 512
-    sigmas = flux_sigmas(settings.steps, image_seq_len=policy.latent_shape[0], shift=settings.shift)
+    # The policy's own schedule (UNO's shift for `uno`) unless --shift asks for a static one.
+    sigmas = schedule(policy, settings.steps, settings.shift)
     references: dict[str, torch.Tensor] = {}
     bar = tqdm(total=len(missing), desc=f"{task.name}: generating", unit="img", disable=not progress)
     try:
-        for batch in _batches(missing, batch_size):
-            for item in batch:
-                if item.case.subject not in references:
-                    references[item.case.subject] = square_resize(task.reference(item.case.subject), size)
-            images = generate_images(
-                policy,
-                [item.case.prompt for item in batch],
-                torch.stack([references[item.case.subject] for item in batch]),
-                [item.seed for item in batch],
-                sigmas,
-            )
-            for item, image in zip(batch, images, strict=True):
-                save_png(_to_pil(image), out / item.image)
-            bar.update(len(batch))
+        # Items whose references differ in size cannot share a forward pass: batch them by size.
+        for group in _by_reference_size(missing, references, task, settings, policy):
+            for batch in _batches(group, batch_size):
+                images = generate_images(
+                    policy,
+                    [item.case.prompt for item in batch],
+                    torch.stack([references[item.case.subject] for item in batch]),
+                    [item.seed for item in batch],
+                    sigmas,
+                )
+                for item, image in zip(batch, images, strict=True):
+                    save_png(_to_pil(image), out / item.image)
+                bar.update(len(batch))
     finally:
         bar.close()
         del policy
         _free_memory()
     return missing
+
+
+def prepare_reference(policy: Policy, image: torch.Tensor, reference_size: int | None = None) -> torch.Tensor:
+    """The conditioning reference ``[3, h, w]`` of an image: the policy's own preprocessing
+    (:meth:`Policy.prepare_references`: UNO keeps the aspect ratio at long side 512), or a square of side
+    ``reference_size`` when one is given."""
+    if reference_size is not None:
+        return square_resize(image, reference_size)
+    return policy.prepare_references([image])[0]
+
+
+def _by_reference_size(
+    items: Sequence[Item],
+    references: dict[str, torch.Tensor],
+    task: EvalTask,
+    settings: GenerationSettings,
+    policy: Policy,
+) -> list[list[Item]]:
+    """``items`` grouped by the size of their prepared reference (filled into ``references`` by subject),
+    groups in order of first appearance; one group when every reference has the same size."""
+    groups: dict[tuple[int, ...], list[Item]] = {}
+    for item in items:
+        subject = item.case.subject
+        if subject not in references:
+            references[subject] = prepare_reference(policy, task.reference(subject), settings.reference_size)
+        groups.setdefault(tuple(references[subject].shape), []).append(item)
+    return list(groups.values())
 
 
 def _free_memory() -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
 
 from cgrpo.registry import Registry
@@ -100,11 +101,45 @@ class Policy(nn.Module, ABC):
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Prompts -> (``prompt_embeds [B, L, D]``, ``pooled [B, P]``, ``text_ids [L, 3]``), no grad."""
 
-    @abstractmethod
-    def encode_references(self, references: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reference images ``[B, 3, H, W]`` in [0, 1] -> (``tokens [B, R, C]``, ``ids [R, 3]``), no grad."""
+    # True when :meth:`prepare_references` keeps each reference at its own size (aspect ratio) instead of
+    # the generated image's square: datasets then hand the policy decoded images to prepare (UNO, Kontext,
+    # FLUX.2 [klein]), and a training batch only mixes examples whose references share their sizes.
+    own_reference_sizes: bool = False
 
-    def condition(self, prompts: Sequence[str], references: torch.Tensor) -> Conditioning:
+    def prepare_references(self, images: Sequence[Image.Image | torch.Tensor]) -> list[torch.Tensor]:
+        """The K references of one sample as the backbone's pipeline preprocesses them: PIL images (or
+        ``[3, H, W]`` tensors in [0, 1]) -> ``[3, H_k, W_k]`` float tensors in [0, 1], each at its own size.
+
+        Default (the mini policy): a square of the generated image's size, as the datasets make it -- PIL
+        images are LANCZOS-resized to cover it and centre-cropped, tensors centre-cropped to a square and
+        resized bicubically (antialiased)."""
+        from cgrpo.data.formats import fit
+        from cgrpo.imaging import pil_to_tensor, square_resize
+
+        height, width = self.image_size
+        prepared = []
+        for image in images:
+            if isinstance(image, torch.Tensor) and height == width:
+                prepared.append(square_resize(image.float(), height))
+            else:
+                if isinstance(image, torch.Tensor):
+                    from cgrpo.imaging import tensor_to_pil
+
+                    image = tensor_to_pil(image)
+                prepared.append(pil_to_tensor(fit(image.convert("RGB"), (height, width))))
+        return prepared
+
+    @abstractmethod
+    def encode_references(
+        self, references: torch.Tensor | Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference images in [0, 1] -> (``tokens [B, R, C]``, ``ids [R, 3]``), no grad. ``references``:
+        ``[B, 3, H, W]`` (one each), ``[B, K, 3, H, W]`` (K of one size) or a sequence of K tensors
+        ``[B, 3, H_k, W_k]`` (each reference its own size and token count)."""
+
+    def condition(
+        self, prompts: Sequence[str], references: torch.Tensor | Sequence[torch.Tensor]
+    ) -> Conditioning:
         """One :class:`Conditioning` for B (prompt, reference) pairs."""
         prompt_embeds, pooled, text_ids = self.encode_prompts(prompts)
         tokens, ids = self.encode_references(references)

@@ -96,13 +96,31 @@ def unpack(tokens: torch.Tensor, height: int, width: int, patch: int) -> torch.T
 # --- image codecs ------------------------------------------------------------------------------------
 
 
+def reference_list(references: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``[B, 3, H, W]`` (one reference each), ``[B, K, 3, H, W]`` (K of one size) or a sequence of K
+    tensors ``[B, 3, H_k, W_k]`` (each reference its own size) -> the K tensors ``[B, 3, H_k, W_k]``."""
+    if isinstance(references, torch.Tensor):
+        if references.ndim == 4:
+            references = references[:, None]
+        if references.ndim != 5 or references.shape[2] != 3:
+            raise ValueError(
+                f"references must be [B, 3, H, W], [B, K, 3, H, W] or a list of K [B, 3, H_k, W_k], "
+                f"got {tuple(references.shape)}"
+            )
+        return list(references.unbind(1))
+    references = list(references)
+    for k, reference in enumerate(references):
+        if reference.ndim != 4 or reference.shape[1] != 3 or len(reference) != len(references[0]):
+            raise ValueError(
+                f"reference {k} must be [B, 3, H, W] with the batch size {len(references[0])} of "
+                f"reference 0, got {tuple(reference.shape)}"
+            )
+    return references
+
+
 def reference_stack(references: torch.Tensor) -> torch.Tensor:
     """``[B, 3, H, W]`` (one reference each) or ``[B, K, 3, H, W]`` -> ``[B, K, 3, H, W]``, else an error."""
-    if references.ndim == 4:
-        references = references[:, None]
-    if references.ndim != 5 or references.shape[2] != 3:
-        raise ValueError(f"references must be [B, 3, H, W] or [B, K, 3, H, W], got {tuple(references.shape)}")
-    return references
+    return torch.stack(reference_list(references), dim=1)
 
 
 class PixelCodec(nn.Module):
@@ -346,21 +364,33 @@ class ReferenceFluxPolicy(Policy):
         text_ids = torch.zeros(embeds.shape[1], 3, device=embeds.device)
         return embeds, pooled, text_ids
 
+    def preprocess_references(self, references: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Resize the K references ``[B, 3, H_k, W_k]`` the way the backbone expects them (default: as given;
+        :meth:`prepare_references` gives them the right size already)."""
+        return references
+
+    def reference_ids(self, grids: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """``[R, 3]`` position ids of K references of packed grids ``(h_k, w_k)``: UnoPE (UNO's)."""
+        return uno_reference_ids(self.grid, grids)
+
     @torch.no_grad()
-    def encode_references(self, references: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[B, 3, H, W]`` (one reference each) or ``[B, K, 3, H, W]`` (K each), in [0, 1] -> tokens
-        ``[B, R, C]`` and UnoPE ids ``[R, 3]``; ``None`` gives R = 0 (text-only generation)."""
+    def encode_references(
+        self, references: torch.Tensor | Sequence[torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, 3, H, W]`` (one reference each), ``[B, K, 3, H, W]`` (K each) or K tensors
+        ``[B, 3, H_k, W_k]`` (each its own size), in [0, 1] -> tokens ``[B, R, C]`` (``R = sum h_k w_k``) and
+        ids ``[R, 3]``; ``None`` gives R = 0 (text-only generation)."""
         if references is None:
-            return torch.zeros(0, 0, self.codec.channels, device=self.device), torch.zeros(
-                0, 3, device=self.device
-            )
-        references = reference_stack(references)
-        h, w = references.shape[-2:]
-        tokens = [self.codec.encode(references[:, k].to(self.device)) for k in range(references.shape[1])]
-        ids = uno_reference_ids(self.grid, [self.codec.grid(h, w)] * references.shape[1])
+            empty_ids = self.reference_ids([])
+            return torch.zeros(0, 0, self.codec.channels, device=self.device), empty_ids.to(self.device)
+        references = self.preprocess_references(reference_list(references))
+        tokens = [self.codec.encode(reference.to(self.device)) for reference in references]
+        ids = self.reference_ids([self.codec.grid(*reference.shape[-2:]) for reference in references])
         return torch.cat(tokens, dim=1), ids.to(self.device)
 
-    def condition(self, prompts: Sequence[str], references: torch.Tensor | None) -> Conditioning:
+    def condition(
+        self, prompts: Sequence[str], references: torch.Tensor | Sequence[torch.Tensor] | None
+    ) -> Conditioning:
         embeds, pooled, text_ids = self.encode_prompts(prompts)
         tokens, ids = self.encode_references(references)
         if references is None:

@@ -8,7 +8,9 @@ Conditioning follows ``Flux2KleinPipeline`` exactly (tested against it on tiny c
 
 - position ids have four axes ``(t, h, w, l)``: the target ``(0, row, col, 0)``; text ``(0, 0, 0, token)``;
   reference k ``(10 + 10 k, row, col, 0)`` -- references are told apart by the first axis, not by offsets;
-- several reference images are supported (``[B, K, 3, H, W]``), their tokens concatenated after the target's;
+- several reference images are supported (K tensors ``[B, 3, H_k, W_k]``, each at its own size and token
+  count), their tokens concatenated after the target's; :meth:`Flux2KleinPolicy.prepare_references` sizes
+  them as the pipeline does (at most 1 MP, sides floored to a multiple of 16, centre crop);
 - no pooled text embedding (``Conditioning.pooled_prompt_embeds`` is ``[B, 0]``), no guidance embedding;
 - the base (non-distilled) model uses classifier-free guidance with the empty prompt as negative
   (``cfg_scale``, default 4.0, one batched forward of 2B); step-distilled checkpoints (``is_distilled`` in the
@@ -27,8 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
 
+from cgrpo.imaging import pil_to_tensor
 from cgrpo.policy.base import Conditioning, register
 from cgrpo.policy.cache import OffloadedTextMixin, PromptCache, load_prompt_embeddings
 from cgrpo.policy.flux import (
@@ -37,16 +41,16 @@ from cgrpo.policy.flux import (
     VaeCodec,
     atomic_directory,
     pack,
-    reference_stack,
     unpack,
 )
-from cgrpo.policy.flux_backbone import parse_dtype, resize_references
+from cgrpo.policy.flux_backbone import as_pil, parse_dtype, resize_references, uno_style_references
 from cgrpo.sde import flux_sigmas
 
 KLEIN_IMAGE_SIZE = 512
 KLEIN_TEXT_LAYERS = (9, 18, 27)
 KLEIN_MAX_TEXT_LENGTH = 512
 KLEIN_REFERENCE_T_SCALE = 10  # reference k has t = 10 + 10 k
+KLEIN_MAX_REFERENCE_AREA = 1024 * 1024  # the pipeline shrinks larger references to this area
 # Attention projections of the double blocks (both streams) and the fused qkv+MLP / output projections of the
 # single blocks. `attn.to_out` is a ModuleList in double blocks, a Linear in single ones: two alternatives.
 FLUX2_LORA_TARGETS = (
@@ -187,6 +191,7 @@ class Flux2KleinPolicy(OffloadedTextMixin, ReferenceFluxPolicy):
 
     pipeline_class_name = "Flux2KleinPipeline"
     default_lora_targets = FLUX2_LORA_TARGETS
+    own_reference_sizes = True  # references preprocessed as Flux2KleinPipeline does, each at its own size
 
     def __init__(
         self,
@@ -246,20 +251,38 @@ class Flux2KleinPolicy(OffloadedTextMixin, ReferenceFluxPolicy):
     def load_prompt_embeddings(self, path: str | Path) -> int:
         return load_prompt_embeddings(self.prompt_cache, path)
 
-    @torch.no_grad()
-    def encode_references(self, references: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[B, 3, H, W]`` or ``[B, K, 3, H, W]`` in [0, 1] -> tokens ``[B, R, 128]``, ids ``[R, 4]``."""
-        if references is None:
-            return torch.zeros(0, 0, self.codec.channels, device=self.device), torch.zeros(
-                0, 4, device=self.device
-            )
-        references = reference_stack(references)
+    def reference_ids(self, grids: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """``[R, 4]`` ids: reference k at ``t = 10 + 10 k``, each at its own grid (the pipeline's)."""
+        return flux2_reference_ids(grids)
+
+    def prepare_references(self, images: Sequence[Image.Image | torch.Tensor]) -> list[torch.Tensor]:
+        """Flux2KleinPipeline's preprocessing of each reference: above 1 MP resized to 1 MP (aspect kept,
+        LANCZOS), then each side floored to a multiple of 16 and centre-cropped, by the pipeline's
+        ``Flux2ImageProcessor``. With ``reference_size``: UNO's rule at that long side instead."""
+        multiple = self.codec.token_size
         if self.reference_size is not None:
-            references = resize_references(references, self.reference_size, self.codec.token_size)
-        h, w = references.shape[-2:]
-        tokens = [self.codec.encode(references[:, k].to(self.device)) for k in range(references.shape[1])]
-        ids = flux2_reference_ids([self.codec.grid(h, w)] * references.shape[1])
-        return torch.cat(tokens, dim=1), ids.to(self.device)
+            return uno_style_references(images, self.reference_size, multiple)
+        from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
+
+        processor = Flux2ImageProcessor(vae_scale_factor=multiple)
+        prepared = []
+        for index, image in enumerate(images):
+            image = as_pil(image)
+            try:
+                processor.check_image_input(image)
+            except ValueError as error:
+                raise ValueError(f"reference {index} cannot condition flux2-klein: {error}") from None
+            if image.width * image.height > KLEIN_MAX_REFERENCE_AREA:
+                image = processor._resize_to_target_area(image, KLEIN_MAX_REFERENCE_AREA)
+            width, height = image.width // multiple * multiple, image.height // multiple * multiple
+            prepared.append(pil_to_tensor(processor.resize(image, height, width, resize_mode="crop")))
+        return prepared
+
+    def preprocess_references(self, references: list[torch.Tensor]) -> list[torch.Tensor]:
+        """UNO's rule at ``reference_size`` on tensors when that option is set; else as given."""
+        if self.reference_size is None:
+            return references
+        return [resize_references(r, self.reference_size, self.codec.token_size) for r in references]
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

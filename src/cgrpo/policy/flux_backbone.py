@@ -14,7 +14,9 @@ from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+from cgrpo.imaging import pil_to_tensor, tensor_to_pil, uno_preprocess_ref
 from cgrpo.policy.cache import OffloadedTextMixin, PromptCache, load_prompt_embeddings
 from cgrpo.policy.flux import FluxTextEncoder, ReferenceFluxPolicy, VaeCodec
 from cgrpo.sde import flux_sigmas
@@ -63,6 +65,19 @@ def resize_references(references: torch.Tensor, long_side: int, multiple: int) -
     return x.reshape(*lead, *x.shape[-3:])
 
 
+def as_pil(image: Image.Image | torch.Tensor) -> Image.Image:
+    """A reference as an RGB PIL image (``[3, H, W]`` tensors in [0, 1] are quantised to 8 bits, which is
+    lossless for images read from 8-bit files)."""
+    return tensor_to_pil(image) if isinstance(image, torch.Tensor) else image.convert("RGB")
+
+
+def uno_style_references(
+    images: Sequence[Image.Image | torch.Tensor], long_side: int, multiple: int
+) -> list[torch.Tensor]:
+    """UNO's reference preprocessing (:func:`~cgrpo.imaging.uno_preprocess_ref`) of each image, as tensors."""
+    return [pil_to_tensor(uno_preprocess_ref(as_pil(image), long_side, multiple)) for image in images]
+
+
 class FluxBackbonePolicy(OffloadedTextMixin, ReferenceFluxPolicy):
     """A FLUX.1 reference policy on real (or tiny) diffusers components, with the memory switches:
 
@@ -75,6 +90,7 @@ class FluxBackbonePolicy(OffloadedTextMixin, ReferenceFluxPolicy):
     """
 
     default_num_steps = 28
+    own_reference_sizes = True  # each backbone preprocesses references as its pipeline does
 
     def __init__(
         self,
@@ -113,16 +129,6 @@ class FluxBackbonePolicy(OffloadedTextMixin, ReferenceFluxPolicy):
 
     def load_prompt_embeddings(self, path: str | Path) -> int:
         return load_prompt_embeddings(self.prompt_cache, path)
-
-    def preprocess_references(self, references: torch.Tensor) -> torch.Tensor:
-        """Resize ``[B, 3, H, W]`` / ``[B, K, 3, H, W]`` references the way the backbone expects them."""
-        return references
-
-    @torch.no_grad()
-    def encode_references(self, references: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        if references is not None:
-            references = self.preprocess_references(references)
-        return super().encode_references(references)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -7,12 +7,15 @@ reference's ids are the plain row-major grid ``(1, row, col)``: the same spatial
 with the first id axis set to 1 (the target has 0). No diagonal offset.
 
 Several references (not supported by the pipeline): each gets first id 1 and its columns continue after the
-previous reference's, i.e. the references sit side by side as one wide context image -- our choice.
+previous reference's, i.e. the references sit side by side as one wide context image -- our choice. Each keeps
+its own size and token count.
 
 Defaults (``FluxKontextPipeline``): guidance 2.5 (the pipeline's documented example; its argument default is
 3.5), 28 steps, FLUX's resolution-dependent time shift at the target's token count. Kontext is trained at
-~1 MP; we default to 512 x 512 like UNO for RL cost (``image_size=1024`` for the native resolution), and
-resize references to the target size (the pipeline resizes them to its preferred Kontext resolution).
+~1 MP; we default to 512 x 512 like UNO for RL cost (``image_size=1024`` for the native resolution).
+References are preprocessed as the pipeline does (:meth:`KontextPolicy.prepare_references`): resized to the
+preferred Kontext resolution (~1 MP) closest to their aspect ratio; ``reference_size=N`` instead keeps the
+aspect ratio at long side N (UNO's rule), e.g. 512 for cheaper RL.
 """
 
 from __future__ import annotations
@@ -23,10 +26,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+from cgrpo.imaging import pil_to_tensor
 from cgrpo.policy.base import register
-from cgrpo.policy.flux import ReferenceFluxPolicy, flux_image_ids
-from cgrpo.policy.flux_backbone import FluxBackbonePolicy, load_backbone_policy
+from cgrpo.policy.flux import flux_image_ids
+from cgrpo.policy.flux_backbone import (
+    FluxBackbonePolicy,
+    as_pil,
+    load_backbone_policy,
+    resize_references,
+    uno_style_references,
+)
 
 KONTEXT_IMAGE_SIZE = 512
 KONTEXT_NUM_STEPS = 28
@@ -45,34 +56,60 @@ def kontext_reference_ids(reference_grids: Sequence[tuple[int, int]]) -> torch.T
     return torch.cat(chunks) if chunks else torch.zeros(0, 3)
 
 
+def kontext_reference_size(width: int, height: int, multiple: int) -> tuple[int, int]:
+    """``(width, height)`` FluxKontextPipeline resizes a ``width x height`` reference to (``_auto_resize``):
+    the preferred Kontext resolution closest in aspect ratio, sides floored to multiples of ``multiple``."""
+    from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+
+    aspect = width / height
+    _, width, height = min((abs(aspect - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
+    return width // multiple * multiple, height // multiple * multiple
+
+
 class KontextPolicy(FluxBackbonePolicy):
     """FLUX.1 Kontext: UNO-style sequence concatenation with Kontext's reference ids."""
 
     default_num_steps = KONTEXT_NUM_STEPS
     pipeline_class_name = "FluxKontextPipeline"
 
-    def preprocess_references(self, references: torch.Tensor) -> torch.Tensor:
-        """References resized to ``reference_size`` (default: the target size), bicubic with antialiasing."""
-        size = self.reference_size or self.image_size
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        if tuple(references.shape[-2:]) == size:
-            return references
-        lead = references.shape[:-3]
-        x = references.reshape(-1, *references.shape[-3:]).float()
-        x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0.0, 1.0)
-        return x.reshape(*lead, *x.shape[-3:])
+    def reference_ids(self, grids: Sequence[tuple[int, int]]) -> torch.Tensor:
+        return kontext_reference_ids(grids)
 
-    @torch.no_grad()
-    def encode_references(self, references: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[B, 3, H, W]`` or ``[B, K, 3, H, W]`` in [0, 1] -> tokens ``[B, R, C]``, Kontext ids."""
-        if references is None:
-            return super().encode_references(None)
-        references = self.preprocess_references(references)
-        # The packing of ReferenceFluxPolicy, then Kontext's ids in place of UnoPE's.
-        tokens, _ = ReferenceFluxPolicy.encode_references(self, references)
-        count = 1 if references.ndim == 4 else references.shape[1]
-        ids = kontext_reference_ids([self.codec.grid(*references.shape[-2:])] * count)
-        return tokens, ids.to(self.device)
+    def prepare_references(self, images: Sequence[Image.Image | torch.Tensor]) -> list[torch.Tensor]:
+        """FluxKontextPipeline's preprocessing of each reference: the preferred Kontext resolution closest in
+        aspect ratio (:func:`kontext_reference_size`), resized by the pipeline's image processor (LANCZOS).
+        With ``reference_size``: UNO's rule at that long side instead (cheaper references for RL)."""
+        multiple = self.codec.token_size
+        if self.reference_size is not None:
+            return uno_style_references(images, self.reference_size, multiple)
+        from diffusers.image_processor import VaeImageProcessor
+
+        processor = VaeImageProcessor(vae_scale_factor=multiple)
+        prepared = []
+        for image in images:
+            image = as_pil(image)
+            width, height = kontext_reference_size(*image.size, multiple)
+            resized = processor.resize(image, height, width)
+            prepared.append(pil_to_tensor(resized))
+        return prepared
+
+    def preprocess_references(self, references: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The same sizes on tensors that did not come through :meth:`prepare_references` (bicubic with
+        antialiasing); a no-op on prepared references."""
+        multiple = self.codec.token_size
+        resized = []
+        for reference in references:
+            height, width = reference.shape[-2:]
+            if self.reference_size is not None:
+                reference = resize_references(reference, self.reference_size, multiple)
+            else:
+                new_w, new_h = kontext_reference_size(width, height, multiple)
+                if (new_h, new_w) != (height, width):
+                    reference = F.interpolate(
+                        reference.float(), size=(new_h, new_w), mode="bicubic", antialias=True
+                    ).clamp(0.0, 1.0)
+            resized.append(reference)
+        return resized
 
 
 def load_kontext(

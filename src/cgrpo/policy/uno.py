@@ -21,7 +21,9 @@ UNO's inference defaults (``inference.py`` / ``UNOPipeline`` of bytedance/UNO), 
 image size            512 x 512
 steps                 25 (Euler)
 guidance              4.0 (FLUX.1-dev's distilled guidance embedding)
-reference size        long side 512 for one reference, 320 for several (aspect kept, multiple of 16)
+reference size        long side 512 for one reference, 320 for several (aspect kept, LANCZOS, each side
+                      centre-cropped down to a multiple of 16): :meth:`UnoPolicy.prepare_references`;
+                      every reference keeps its own size and token count (UnoPE offsets per reference)
 time shift            FLUX's resolution-dependent shift ``mu`` on a line through (256, 0.5) and (4096, 1.15),
                       evaluated -- as UNO's code does -- at ``(W/8)(H/8)/256`` = 16 "tokens" for 512 px
                       (FLUX itself would use the 1024 packed tokens). That gives ``mu = 0.4594``, i.e. the
@@ -41,12 +43,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from cgrpo.policy.base import register
 from cgrpo.policy.flux_backbone import (
     FluxBackbonePolicy,
     load_backbone_policy,
     resize_references,
+    uno_style_references,
 )
 from cgrpo.sde import flux_mu, flux_sigmas
 
@@ -81,14 +85,25 @@ class UnoPolicy(FluxBackbonePolicy):
         """UNO's schedule (:func:`uno_sigmas`) for this policy's image size."""
         return uno_sigmas(num_steps or self.num_steps, *self.image_size)
 
-    def preprocess_references(self, references: torch.Tensor) -> torch.Tensor:
-        """UNO's reference preprocessing: long side ``reference_size`` (default: the image's long side, i.e.
-        512) for one reference, 0.625 of it (320) for several; sides cropped to a multiple of 16."""
-        several = references.ndim == 5 and references.shape[1] > 1
+    def reference_long_side(self, count: int) -> int:
+        """UNO's reference long side for ``count`` references: ``reference_size`` (default: the image's long
+        side, i.e. 512) for one, 0.625 of it (320) for several."""
         size = self.reference_size or max(self.image_size)
-        if several and self.reference_size is None:
+        if count > 1 and self.reference_size is None:
             size = round(size * UNO_MULTI_REFERENCE_RATIO)
-        return resize_references(references, size, self.codec.token_size)
+        return size
+
+    def prepare_references(self, images: Sequence[Image.Image | torch.Tensor]) -> list[torch.Tensor]:
+        """UNO's ``preprocess_ref`` on each reference: long side :meth:`reference_long_side`, aspect kept
+        (LANCZOS), sides centre-cropped down to a multiple of 16 -- a 4:3 photo becomes 512 x 384."""
+        images = list(images)
+        return uno_style_references(images, self.reference_long_side(len(images)), self.codec.token_size)
+
+    def preprocess_references(self, references: list[torch.Tensor]) -> list[torch.Tensor]:
+        """UNO's rule on tensors that did not come through :meth:`prepare_references` (bicubic instead of
+        LANCZOS); a no-op on prepared references."""
+        size = self.reference_long_side(len(references))
+        return [resize_references(reference, size, self.codec.token_size) for reference in references]
 
 
 # --- loading -------------------------------------------------------------------------------------------

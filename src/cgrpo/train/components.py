@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import torch
@@ -60,6 +60,16 @@ def build_datasets(config: DataConfig, seed: int) -> tuple[SubjectDataset, list[
     train = DATASETS.build(config.name, **options)
     heldout = list(DATASETS.build(config.name, **{**options, "path": eval_path})) if eval_path else []
     return train, heldout
+
+
+def use_policy_references(dataset: Any, policy: Any) -> list[Hashable] | None:
+    """Let a dataset of files hand its references to ``policy.prepare_references`` when the policy keeps
+    each reference's own size (UNO, Kontext, FLUX.2 [klein]); returns the batch sampler's bucket keys then
+    (the references' original sizes), else None: the dataset and its batches stay exactly as they were."""
+    if not getattr(policy, "own_reference_sizes", False) or not hasattr(dataset, "prepare_references_with"):
+        return None
+    dataset.prepare_references_with(policy.prepare_references)
+    return [dataset.reference_size_key(i) for i in range(len(dataset))]
 
 
 def build_rewards(config: GRPOConfig) -> tuple[Reward, Reward]:
@@ -218,19 +228,51 @@ def _call_with_timeout(fn, args: tuple, timeout_s: float):
 
 
 class BatchSampler:
-    """Draws B example indices per iteration from seeded per-epoch permutations; its state resumes exactly."""
+    """Draws B example indices per iteration from seeded per-epoch permutations; its state resumes exactly.
 
-    def __init__(self, size: int, batch_size: int, seed: int) -> None:
+    ``keys`` (one hashable per example, e.g. its references' sizes): a batch only holds examples of one key
+    -- aspect-ratio bucketing, as diffusion trainers do -- because references of different sizes cannot be
+    stacked into one forward batch. Each epoch's permutation is split into buckets (in order of first
+    appearance), each bucket into batches of B (a short last batch is topped up from its bucket's start), and
+    the batches are shuffled. Without keys, or with one key, batches are exactly the plain sampler's.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, keys: Sequence[Hashable] | None = None) -> None:
         if size == 0:
             raise ValueError("the training dataset is empty")
+        if keys is not None and len(keys) != size:
+            raise ValueError(f"{len(keys)} bucket keys for {size} examples")
         self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.keys = None if keys is None or len(set(keys)) <= 1 else list(keys)
         self.epoch, self.position = 0, 0
 
     def _permutation(self) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         return torch.randperm(self.size, generator=generator)
 
+    def _bucketed_batches(self) -> list[list[int]]:
+        assert self.keys is not None
+        buckets: dict[Hashable, list[int]] = {}
+        for index in self._permutation().tolist():
+            buckets.setdefault(self.keys[index], []).append(index)
+        batches = []
+        for bucket in buckets.values():
+            for start in range(0, len(bucket), self.batch_size):
+                batch = bucket[start : start + self.batch_size]
+                while len(batch) < self.batch_size:  # top up from the bucket (cycling when it is tiny)
+                    batch += bucket[: self.batch_size - len(batch)]
+                batches.append(batch)
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + 7_919)
+        return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
     def next(self) -> list[int]:
+        if self.keys is not None:
+            batches = self._bucketed_batches()
+            batch = batches[self.position]
+            self.position += 1
+            if self.position >= len(batches):
+                self.epoch, self.position = self.epoch + 1, 0
+            return batch
         indices: list[int] = []
         while len(indices) < self.batch_size:
             order = self._permutation()

@@ -73,6 +73,7 @@ from cgrpo.train.components import (
     record_world_version,
     score_subjects_with_retries,
     score_with_retries,
+    use_policy_references,
     validate_data,
 )
 from cgrpo.train.config import GRPOConfig
@@ -130,7 +131,12 @@ class GRPOTrainer:
             log.warning(NO_HELDOUT)
         self.num_subjects = self._check_subjects()
         self.identity_reward, self.prompt_reward = build_rewards(config)
-        self.sampler = BatchSampler(len(self.train_set), config.train.prompts_per_iteration, config.seed)
+        # Policies that keep each reference's own size prepare the dataset's references themselves; a batch
+        # then only mixes examples whose references share their sizes (bucketing).
+        bucket_keys = use_policy_references(self.train_set, self.policy)
+        self.sampler = BatchSampler(
+            len(self.train_set), config.train.prompts_per_iteration, config.seed, keys=bucket_keys
+        )
         # DDP/FSDP wrapping comes before the optimiser: FSDP replaces the parameters by sharded ones.
         self.train_velocity = self.dist.wrap(self.policy)
         params = list(self.policy.trainable_parameters())
