@@ -154,3 +154,26 @@ def test_validation_opens_every_subjects_images(tmp_path):
     # in-memory records are checked the same way
     with pytest.raises(DatasetError, match=r"<records>:1: 'subjects' lists 5 subjects"):
         validate_dataset([multi("x", [ENTRY] * 5)], root=tmp_path)
+
+
+def test_a_policy_prepares_the_conditioning_references_of_all_subjects_together(tmp_path):
+    """UNO sizes several references smaller than one (320 vs 512 long side), so a multi-subject record's
+    references (each subject's first image) reach the policy's preparation in one call, and a single-subject
+    record's first image alone."""
+    save(tmp_path / "good.png", size=(20, 10), value=200)
+    save(tmp_path / "cat0.png", size=(12, 18), value=40)
+    save(tmp_path / "cat1.png", value=90)
+    dataset = load_dataset(write_lines(tmp_path / "d.jsonl", [single("one"), multi("two")]), image_size=8)
+    calls: list[list[tuple[int, int]]] = []
+
+    def prepare(images):
+        calls.append([image.size for image in images])
+        return [torch.full((3, 4 * len(images), 4), float(k)) for k in range(len(images))]
+
+    dataset.prepare_references_with(prepare)
+    one, two = dataset[0], dataset[1]
+    assert calls == [[(20, 10)], [(20, 10), (12, 18)]]
+    assert one.reference.shape == (3, 4, 4)
+    assert two.reference.shape == (3, 8, 4) and float(two.extra_references[0][0, 0, 0]) == 1.0
+    assert dataset.reference_size_key(1) == ((20, 10), (12, 18))
+    assert [r.shape for r in dataset.references(1)] == [(3, 4, 4)]  # the first subject's one image

@@ -92,7 +92,16 @@ def test_identity_metrics_are_one_for_the_reference_and_lower_for_another_subjec
     from cgrpo.eval.runner import GenerationSettings, run_benchmark
 
     task = dreambench_task(ROOT, subjects=["dog", "backpack"], prompts_per_subject=1)
-    fake_policy = SimpleNamespace(latent_shape=(16, 48), image_size=(64, 64))
+    from cgrpo.imaging import square_resize
+    from cgrpo.sde import flux_sigmas
+
+    # generate_images is replaced below: the stand-in only answers what the runner asks around it
+    fake_policy = SimpleNamespace(
+        latent_shape=(16, 48),
+        image_size=(64, 64),
+        sigmas=lambda num_steps=None: flux_sigmas(num_steps or 2, shift=1.0),
+        prepare_references=lambda images: [square_resize(image, 64) for image in images],
+    )
     options = {"dino": eval_models["dino"], "clip_i": eval_models["clip"]}
 
     def run(out: Path, swap: bool) -> list[dict]:
