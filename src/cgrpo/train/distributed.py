@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -272,6 +273,13 @@ class Distributed:
 
     def close(self) -> None:
         if self.enabled:
+            # Let gloo's worker threads drop the finished collectives before anything tears the group down:
+            # a worker frees a finished work's tensors under the group's lock and needs the GIL for it, while
+            # the group's destructor (run when the DDP wrapper is freed) joins the workers holding the GIL.
+            # Freed in that order, a worker waiting for the GIL deadlocks the exit (seen on loaded 2-core
+            # machines: rank 1 hung in ~ProcessGroupGloo). Sleeping releases the GIL to them. No barrier
+            # here: close() also runs after a failure on one rank.
+            time.sleep(0.2)
             self.accelerator.end_training()
 
 
