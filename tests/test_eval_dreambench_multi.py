@@ -18,7 +18,6 @@ from cgrpo.eval import runner
 from cgrpo.eval.cli import eval_app
 from cgrpo.eval.runner import load_image, square_resize
 from cgrpo.rewards import build
-from cgrpo.testing.rewards import save_tiny_dino_seg
 from cgrpo.train.subjects import reference_list
 
 
@@ -33,11 +32,6 @@ def _root() -> Path:
 ROOT = _root()
 pytestmark = pytest.mark.skipif(not (ROOT / "multi_subject.json").is_file(), reason="no DreamBench copy")
 PAIRS = "backpack_dog+bear_plushie,cat+dog"
-
-
-@pytest.fixture(scope="module")
-def seg_models(tmp_path_factory):
-    return save_tiny_dino_seg(tmp_path_factory.mktemp("tiny-dino-seg"))
 
 
 def _args(eval_models, seg_models, out, *extra):
