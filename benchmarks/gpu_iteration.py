@@ -48,6 +48,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from cgrpo.testing.policies import TINY_FLUX_TRANSFORMER
+
 H100_BF16_DENSE_TFLOPS = 989.0
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -63,18 +65,7 @@ FLUX_DEV: dict[str, Any] = dict(
     guidance_embeds=True,
     axes_dims_rope=(16, 56, 56),
 )
-TINY: dict[str, Any] = dict(
-    patch_size=1,
-    in_channels=16,
-    num_layers=1,
-    num_single_layers=2,
-    attention_head_dim=16,
-    num_attention_heads=2,
-    joint_attention_dim=32,
-    pooled_projection_dim=32,
-    guidance_embeds=True,
-    axes_dims_rope=(4, 6, 6),
-)
+TINY: dict[str, Any] = {**TINY_FLUX_TRANSFORMER, "num_single_layers": 2}
 
 
 @dataclass

@@ -39,3 +39,11 @@ def eval_models(tmp_path_factory):
         "clip": save_tiny_clip(root / "clip"),
         "dino": save_tiny_dino(root / "dino"),
     }
+
+
+@pytest.fixture(scope="session")
+def seg_models(tmp_path_factory):
+    """Options of a tiny random ``dino_seg`` reward (GroundingDINO + SAM + DINOv2), saved once."""
+    from cgrpo.testing.rewards import save_tiny_dino_seg
+
+    return save_tiny_dino_seg(tmp_path_factory.mktemp("tiny-dino-seg"))

@@ -13,20 +13,6 @@ from hypothesis.extra.numpy import arrays
 
 from cgrpo.rewards import build
 from cgrpo.rewards.dino_seg import assign, box_mask, non_max_suppression
-from cgrpo.testing import rewards as tiny
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def seg_models(tmp_path_factory):
-    return tiny.save_tiny_dino_seg(tmp_path_factory.mktemp("tiny-dino-seg"))
 
 
 def random_images(n: int, height: int, width: int, seed: int) -> torch.Tensor:

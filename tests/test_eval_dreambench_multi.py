@@ -14,11 +14,11 @@ from typer.testing import CliRunner
 from cgrpo.data.dreambench import multi_subject_examples
 from cgrpo.data.formats import DatasetError
 from cgrpo.eval import metrics as metric_module
-from cgrpo.eval import multi
+from cgrpo.eval import runner
 from cgrpo.eval.cli import eval_app
 from cgrpo.eval.runner import load_image, square_resize
 from cgrpo.rewards import build
-from cgrpo.testing.rewards import save_tiny_dino_seg
+from cgrpo.train.subjects import reference_list
 
 
 def _root() -> Path:
@@ -32,11 +32,6 @@ def _root() -> Path:
 ROOT = _root()
 pytestmark = pytest.mark.skipif(not (ROOT / "multi_subject.json").is_file(), reason="no DreamBench copy")
 PAIRS = "backpack_dog+bear_plushie,cat+dog"
-
-
-@pytest.fixture(scope="module")
-def seg_models(tmp_path_factory):
-    return save_tiny_dino_seg(tmp_path_factory.mktemp("tiny-dino-seg"))
 
 
 def _args(eval_models, seg_models, out, *extra):
@@ -122,17 +117,17 @@ def test_bad_protocol_entries_are_named(tmp_path):
 
 def test_multi_dreambench_end_to_end_and_resume(eval_models, seg_models, tmp_path, monkeypatch):
     conditioned, built = [], []
-    real_generate, real_build = multi.generate_multi_images, metric_module.build_metric
+    real_generate, real_build = runner.generate_images, metric_module.build_metric
 
     def counting_generate(policy, prompts, references, seeds, sigmas):
-        conditioned.append([tuple(r.shape) for r in references])
+        conditioned.append([tuple(r.shape) for r in reference_list(references)])
         return real_generate(policy, prompts, references, seeds, sigmas)
 
     def counting_build(name, options=None, device=None):
         built.append(name)
         return real_build(name, options, device)
 
-    monkeypatch.setattr(multi, "generate_multi_images", counting_generate)
+    monkeypatch.setattr(runner, "generate_images", counting_generate)
     monkeypatch.setattr(metric_module, "build_metric", counting_build)
     out = tmp_path / "eval"
     cli = CliRunner()
@@ -204,7 +199,7 @@ def test_multi_dreambench_end_to_end_and_resume(eval_models, seg_models, tmp_pat
 
 def test_missing_and_confused_images_are_framed_in_the_grid(tmp_path):
     image = torch.full((3, 16, 16), 0.5)
-    framed = multi._framed(image, multi.MISSING_COLOUR)
+    framed = runner._framed(image, runner.MISSING_COLOUR)
     assert framed[:, 0, 5].tolist() == [1.0, 0.0, 0.0] and framed[:, 8, 8].tolist() == [0.5, 0.5, 0.5]
 
 

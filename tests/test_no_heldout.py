@@ -39,32 +39,34 @@ def _jsonl_dataset(directory):
     return path
 
 
-def test_cli_train_without_heldout_data_succeeds_and_says_so(tiny_policy_dir, tmp_path):
-    jsonl = _jsonl_dataset(tmp_path / "data")
-    run = tmp_path / "run"
-    config = load_config(
-        GRPOConfig,
-        None,
-        [
-            f"output_dir={run}",
-            f"policy.options={{path: {tiny_policy_dir}}}",
-            "data.name=jsonl",
-            f"data.options={{path: {jsonl}, image_size: 16}}",
-            "train.iterations=2",
-            "train.prompts_per_iteration=2",
-            "train.group_size=2",
-            "train.train_steps=1",
-            "sampling.num_steps=3",
-            "eval.every=1",
-            "checkpoint.every=0",
-            "log.tensorboard=false",
-        ],
-    )
-    save_config(config, tmp_path / "cfg.yaml")
-    result = CliRunner().invoke(app, ["train", str(tmp_path / "cfg.yaml")])
+def _train_and_check_summary(config_class, command: str, run, overrides: list[str], tmp_path) -> None:
+    """``cgrpo <command>`` on a config of ``config_class`` with ``overrides``: it succeeds, and the summary in
+    ``run`` says that there was no held-out data."""
+    config = load_config(config_class, None, [f"output_dir={run}", *overrides])
+    save_config(config, tmp_path / f"{command}.yaml")
+    result = CliRunner().invoke(app, [command, str(tmp_path / f"{command}.yaml")])
     assert result.exit_code == 0, result.output
     summary = json.loads((run / "summary.json").read_text())
     assert summary == {"base": {}, "trained": {}, "heldout": NO_HELDOUT}
+
+
+def test_cli_train_without_heldout_data_succeeds_and_says_so(tiny_policy_dir, tmp_path):
+    jsonl = _jsonl_dataset(tmp_path / "data")
+    run = tmp_path / "run"
+    overrides = [
+        f"policy.options={{path: {tiny_policy_dir}}}",
+        "data.name=jsonl",
+        f"data.options={{path: {jsonl}, image_size: 16}}",
+        "train.iterations=2",
+        "train.prompts_per_iteration=2",
+        "train.group_size=2",
+        "train.train_steps=1",
+        "sampling.num_steps=3",
+        "eval.every=1",
+        "checkpoint.every=0",
+        "log.tensorboard=false",
+    ]
+    _train_and_check_summary(GRPOConfig, "train", run, overrides, tmp_path)
     assert "eval_path" in NO_HELDOUT
     assert (run / "final" / "adapter_model.safetensors").exists()
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
@@ -73,57 +75,39 @@ def test_cli_train_without_heldout_data_succeeds_and_says_so(tiny_policy_dir, tm
 def test_cli_rpo_without_heldout_data_succeeds_and_says_so(tiny_policy_dir, tmp_path):
     jsonl = _jsonl_dataset(tmp_path / "data")
     run = tmp_path / "rpo"
-    config = load_config(
-        RPOConfig,
-        None,
-        [
-            f"output_dir={run}",
-            f"policy.options={{path: {tiny_policy_dir}}}",
-            "data.name=jsonl",
-            f"data.options={{path: {jsonl}, image_size: 16}}",
-            "sampling.num_steps=3",
-            "pairs.prompts=4",
-            "pairs.candidates=4",
-            "train.steps=2",
-            "train.batch_size=2",
-            "log.tensorboard=false",
-        ],
-    )
-    save_config(config, tmp_path / "rpo.yaml")
-    result = CliRunner().invoke(app, ["rpo", str(tmp_path / "rpo.yaml")])
-    assert result.exit_code == 0, result.output
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary == {"base": {}, "trained": {}, "heldout": NO_HELDOUT}
+    overrides = [
+        f"policy.options={{path: {tiny_policy_dir}}}",
+        "data.name=jsonl",
+        f"data.options={{path: {jsonl}, image_size: 16}}",
+        "sampling.num_steps=3",
+        "pairs.prompts=4",
+        "pairs.candidates=4",
+        "train.steps=2",
+        "train.batch_size=2",
+        "log.tensorboard=false",
+    ]
+    _train_and_check_summary(RPOConfig, "rpo", run, overrides, tmp_path)
 
 
 def test_cli_sft_without_heldout_data_succeeds_and_says_so(tiny_policy_dir, tmp_path):
     jsonl = _jsonl_dataset(tmp_path / "data")
     run = tmp_path / "sft"
-    config = load_config(
-        SFTConfig,
-        None,
-        [
-            f"output_dir={run}",
-            f"data.dataset={{name: jsonl, options: {{path: {jsonl}, image_size: 16}}}}",
-            "model.policy=mini",
-            f"model.options={{path: {tiny_policy_dir}}}",
-            "model.lora={enabled: true, rank: 4, alpha: 4}",
-            "optim.steps=2",
-            "optim.batch_size=2",
-            "optim.warmup_steps=1",
-            "heldout.enabled=true",
-            "heldout.num_steps=2",
-            "log_every=1",
-            "eval_every=1",
-            "save_every=0",
-            "sample_steps=2",
-            "num_threads=0",
-            "progress=false",
-        ],
-    )
-    save_config(config, tmp_path / "sft.yaml")
-    result = CliRunner().invoke(app, ["sft", str(tmp_path / "sft.yaml")])
-    assert result.exit_code == 0, result.output
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary == {"base": {}, "trained": {}, "heldout": NO_HELDOUT}
+    overrides = [
+        f"data.dataset={{name: jsonl, options: {{path: {jsonl}, image_size: 16}}}}",
+        "model.policy=mini",
+        f"model.options={{path: {tiny_policy_dir}}}",
+        "model.lora={enabled: true, rank: 4, alpha: 4}",
+        "optim.steps=2",
+        "optim.batch_size=2",
+        "optim.warmup_steps=1",
+        "heldout.enabled=true",
+        "heldout.num_steps=2",
+        "log_every=1",
+        "eval_every=1",
+        "save_every=0",
+        "sample_steps=2",
+        "num_threads=0",
+        "progress=false",
+    ]
+    _train_and_check_summary(SFTConfig, "sft", run, overrides, tmp_path)
     assert (run / "final" / "adapter_model.safetensors").exists()

@@ -229,21 +229,19 @@ def _write_dataset(root, sizes_per_record) -> None:
     (root / "train.jsonl").write_text("\n".join(lines) + "\n")
 
 
-@pytest.mark.parametrize("name", ["uno", "flux2-klein"])
-def test_two_grpo_iterations_with_references_of_different_sizes(name, tiny_uno, tiny_klein, tmp_path):
+def _train_two_iterations(name: str, tiny_options: dict, tmp_path, method: str, **sections) -> None:
+    """``cgrpo train`` of two GRPO iterations of the tiny ``name`` policy (LoRA) on ``tmp_path/train.jsonl``
+    with the tiny DINO-Seg and HPS-v3 rewards; ``sections``: extra config sections."""
     from typer.testing import CliRunner
 
     from cgrpo.cli import app
 
-    # Records whose references differ in size (4:3 and 3:4), each record with two references of its own
-    # sizes (the list form); the trainer buckets batches by the references' sizes.
-    _write_dataset(tmp_path, [[(96, 72), (64, 80)], [(72, 96), (80, 64)], [(96, 72), (64, 80)]])
     if name == "uno":
-        options = {**tiny_uno, "image_size": 32, "reference_size": 32}
+        options = {**tiny_options, "image_size": 32, "reference_size": 32}
     else:
-        options = {**tiny_klein, "image_size": 64}
+        options = {**tiny_options, "image_size": 64}
     config = {
-        "method": "customized_grpo",
+        "method": method,
         "seed": 0,
         "output_dir": str(tmp_path / "run"),
         "device": "cpu",
@@ -263,6 +261,7 @@ def test_two_grpo_iterations_with_references_of_different_sizes(name, tiny_uno, 
             "lr": 1e-4,
             "micro_batch": 2,
         },
+        **sections,
         "eval": {"every": 0, "num_steps": 2, "images_per_prompt": 1},
         "log": {"tensorboard": False, "sample_grid_every": 0},
         "checkpoint": {"every": 0, "keep_last": 1},
@@ -271,6 +270,14 @@ def test_two_grpo_iterations_with_references_of_different_sizes(name, tiny_uno, 
     path.write_text(yaml.safe_dump(config))
     result = CliRunner().invoke(app, ["train", str(path)])
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("name", ["uno", "flux2-klein"])
+def test_two_grpo_iterations_with_references_of_different_sizes(name, tiny_uno, tiny_klein, tmp_path):
+    # Records whose references differ in size (4:3 and 3:4), each record with two references of its own
+    # sizes (the list form); the trainer buckets batches by the references' sizes.
+    _write_dataset(tmp_path, [[(96, 72), (64, 80)], [(72, 96), (80, 64)], [(96, 72), (64, 80)]])
+    _train_two_iterations(name, tiny_uno if name == "uno" else tiny_klein, tmp_path, "customized_grpo")
     assert (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()
 
 
@@ -278,9 +285,7 @@ def test_two_grpo_iterations_with_references_of_different_sizes(name, tiny_uno, 
 def test_two_grpo_iterations_with_two_subjects_of_different_sizes(name, tiny_uno, tiny_klein, tmp_path):
     """Issue 16's end-to-end check: every record names two subjects whose references have their own sizes
     (4:3 and 3:4); the policy is conditioned on both, and each subject gets its own identity reward."""
-    from typer.testing import CliRunner
 
-    from cgrpo.cli import app
     from cgrpo.train.logger import read_metrics
 
     lines = []
@@ -291,40 +296,13 @@ def test_two_grpo_iterations_with_two_subjects_of_different_sizes(name, tiny_uno
             subjects.append({"reference": f"s{i}_{j}.png", "subject_class": cls})
         lines.append(json.dumps({"id": str(i), "subjects": subjects, "prompt": f"a dog and a cat {i}"}))
     (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
-    if name == "uno":
-        options = {**tiny_uno, "image_size": 32, "reference_size": 32}
-    else:
-        options = {**tiny_klein, "image_size": 64}
-    config = {
-        "method": "customized_grpo_multi",
-        "seed": 0,
-        "output_dir": str(tmp_path / "run"),
-        "device": "cpu",
-        "policy": {"name": name, "options": options, "lora": {"enabled": True, "rank": 4, "alpha": 4}},
-        "data": {"name": "jsonl", "options": {"path": str(tmp_path / "train.jsonl"), "image_size": 32}},
-        "rewards": {
-            "identity": {"name": "dino_seg", "options": tiny_rewards.save_tiny_dino_seg(tmp_path / "ds")},
-            "prompt": {"name": "hpsv3", "options": tiny_rewards.save_tiny_hpsv3(tmp_path / "hps")},
-            "max_retries": 0,
-        },
-        "sampling": {"num_steps": 2, "noise_level": 0.7, "shift": 1.583, "micro_batch": 2},
-        "train": {
-            "iterations": 2,
-            "prompts_per_iteration": 2,
-            "group_size": 2,
-            "train_steps": 1,
-            "lr": 1e-4,
-            "micro_batch": 2,
-        },
-        "advantage": {"multi_subject": "pairwise"},
-        "eval": {"every": 0, "num_steps": 2, "images_per_prompt": 1},
-        "log": {"tensorboard": False, "sample_grid_every": 0},
-        "checkpoint": {"every": 0, "keep_last": 1},
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    result = CliRunner().invoke(app, ["train", str(path)])
-    assert result.exit_code == 0, result.output
+    _train_two_iterations(
+        name,
+        tiny_uno if name == "uno" else tiny_klein,
+        tmp_path,
+        "customized_grpo_multi",
+        advantage={"multi_subject": "pairwise"},
+    )
     assert (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()
     last = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]
     assert {"reward/id_0", "reward/id_1", "reward/id_min"} <= set(last)

@@ -26,15 +26,6 @@ from cgrpo.testing import rewards as tiny
 SMALL = {"min_pixels": 56 * 56, "max_pixels": 56 * 84}  # few image tokens: the text dominates anyway
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny models are microseconds of work; with a shared 2-core machine, extra threads only thrash.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-rewards")

@@ -116,6 +116,13 @@ def group_stats(rewards: Tensor, group_size: int, valid: Tensor | None = None) -
     return GroupStats(torch.where(empty, nan, mean).float(), torch.where(empty, nan, std).float(), count)
 
 
+def _check_normalize_options(std: str, eps: float) -> None:
+    if std not in ("group", "global"):
+        raise ValueError(f"std must be 'group' or 'global', got {std!r}")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+
+
 def group_normalize(
     rewards: Tensor,
     group_size: int,
@@ -143,10 +150,7 @@ def group_normalize(
         ValueError: on a non-finite reward that is not masked out (the message names how many and where),
             on shapes that do not form whole groups, or on an unknown ``std``.
     """
-    if std not in ("group", "global"):
-        raise ValueError(f"std must be 'group' or 'global', got {std!r}")
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    _check_normalize_options(std, eps)
     mask = _check_rewards(rewards, group_size, valid)
     dev, _, group_std, count = _grouped_moments(rewards, group_size, mask)
     if std == "group":
@@ -356,10 +360,7 @@ def group_normalize_columns(
         raise ValueError(
             f"rewards must be a 2-D tensor [N, K] with K >= 1 columns, got shape {tuple(rewards.shape)}"
         )
-    if std not in ("group", "global"):
-        raise ValueError(f"std must be 'group' or 'global', got {std!r}")
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    _check_normalize_options(std, eps)
     if not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
     n, k = rewards.shape

@@ -1071,13 +1071,12 @@ class MiniWorld:
         return count
 
 
-class MiniWorldDataset:
-    """A ``SubjectDataset`` over (subject, prompt, kind, target subject, target prompt) entries; images are
-    rendered on access."""
+class _RenderedDataset:
+    """A ``SubjectDataset`` over a list of entries whose images are rendered on access (:meth:`example`)."""
 
-    def __init__(self, world: MiniWorld, entries: Sequence[tuple[Subject, str, str, Subject, str]]) -> None:
-        """``entries``: (subject, prompt, kind, the subject and the prompt its target is drawn of: the same
-        two unless the pair is imperfect, see :meth:`MiniWorld.dataset`)."""
+    kind_of_index = "dataset"  # how an out-of-range index is named
+
+    def __init__(self, world: MiniWorld, entries: Sequence[tuple]) -> None:
         self.world = world
         self.entries = list(entries)
 
@@ -1086,10 +1085,28 @@ class MiniWorldDataset:
 
     def __getitem__(self, index: int) -> Example:
         if not -len(self) <= index < len(self):
-            raise IndexError(f"mini-world dataset index {index} out of range for {len(self)} examples")
-        subject, prompt, kind, drawn, shown = self.entries[index]
+            raise IndexError(
+                f"mini-world {self.kind_of_index} index {index} out of range for {len(self)} examples"
+            )
+        return self.example(index % len(self), self.entries[index])
+
+    def __iter__(self):
+        for index in range(len(self)):
+            yield self[index]
+
+    def example(self, index: int, entry: tuple) -> Example:
+        raise NotImplementedError
+
+
+class MiniWorldDataset(_RenderedDataset):
+    """A ``SubjectDataset`` over (subject, prompt, kind, target subject, target prompt) entries: the subject
+    and the prompt its target is drawn of are the same two unless the pair is imperfect (see
+    :meth:`MiniWorld.dataset`); images are rendered on access."""
+
+    def example(self, index: int, entry: tuple[Subject, str, str, Subject, str]) -> Example:
+        subject, prompt, kind, drawn, shown = entry
         return Example(
-            id=f"{subject.id}/{index % len(self)}",
+            id=f"{subject.id}/{index}",
             subject_id=subject.id,
             subject_class=subject.shape,
             prompt=prompt,
@@ -1098,39 +1115,26 @@ class MiniWorldDataset:
             kind=kind,
         )
 
-    def __iter__(self):
-        for index in range(len(self)):
-            yield self[index]
-
     @property
     def subjects(self) -> list[Subject]:
         return [subject for subject, *_ in self.entries]
 
 
-class MiniSceneDataset:
+class MiniSceneDataset(_RenderedDataset):
     """A ``SubjectDataset`` of multi-subject scenes over (subjects, prompt, kind, the subjects drawn in the
     target, the scene the target shows) entries; images are rendered on access (see
     :meth:`MiniWorld.scene_dataset`). An example's ``subject_id`` joins its subjects' ids with ``+``."""
 
-    def __init__(
-        self,
-        world: MiniWorld,
-        entries: Sequence[tuple[tuple[Subject, ...], str, str, tuple[Subject, ...], ScenePrompt]],
-    ) -> None:
-        self.world = world
-        self.entries = list(entries)
+    kind_of_index = "scene"
 
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def __getitem__(self, index: int) -> Example:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"mini-world scene index {index} out of range for {len(self)} examples")
-        members, prompt, kind, drawn, shown = self.entries[index]
+    def example(
+        self, index: int, entry: tuple[tuple[Subject, ...], str, str, tuple[Subject, ...], ScenePrompt]
+    ) -> Example:
+        members, prompt, kind, drawn, shown = entry
         first, *rest = members
         group = "+".join(s.id for s in members)
         return Example(
-            id=f"{group}/{index % len(self)}",
+            id=f"{group}/{index}",
             subject_id=group,
             subject_class=first.shape,
             prompt=prompt,
@@ -1140,10 +1144,6 @@ class MiniSceneDataset:
             extra_references=tuple(self.world.reference(s) for s in rest),
             extra_classes=tuple(s.shape for s in rest),
         )
-
-    def __iter__(self):
-        for index in range(len(self)):
-            yield self[index]
 
     @property
     def subjects(self) -> list[tuple[Subject, ...]]:

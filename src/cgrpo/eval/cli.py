@@ -107,9 +107,9 @@ def _benchmark(
     title: str,
     device: str | None,
     **options: Any,
-) -> None:
-    """Generate and score ``task`` with ``metrics`` (from :func:`_metrics`), then print the summary. The
-    table's title is ``title`` and the method (``--method``, else the policy)."""
+) -> dict[str, Any]:
+    """Generate and score ``task`` with ``metrics`` (from :func:`_metrics`), then print the summary; returns
+    it. The table's title is ``title`` and the method (``--method``, else the policy)."""
     from cgrpo.eval.runner import run_benchmark
 
     names, metric_options = metrics
@@ -125,6 +125,7 @@ def _benchmark(
         **options,
     )
     _print_summary(summary, out)
+    return summary
 
 
 def _print_summary(summary: dict[str, Any], out: Path) -> None:
@@ -282,27 +283,14 @@ def _dreambench_multi(
 ) -> None:
     """``eval dreambench --multi``: generate and score the multi-subject track, then print the summary."""
     from cgrpo.eval.dreambench import dreambench_multi_task
-    from cgrpo.eval.multi import run_multi_benchmark
     from cgrpo.eval.runner import format_interval
 
     if subjects:
         raise ValueError("--subjects selects single subjects; with --multi choose pairs with --pairs a+b")
     if identity_references != "reference":
         raise ValueError("--identity-references all is not defined for --multi: each subject has one photo")
-    names, metric_options = metrics
     task = dreambench_multi_task(dreambench_root, protocol, pairs, prompts_per_pair)
-    method = options.get("method") or settings.policy
-    summary = run_multi_benchmark(
-        task,
-        out,
-        settings,
-        names,
-        metric_options,
-        device=_device(device),
-        title=f"DreamBench multi-subject: {method}",
-        **options,
-    )
-    _print_summary(summary, out)
+    summary = _benchmark(task, out, settings, metrics, "DreamBench multi-subject", device, **options)
     labels, identity = summary["labels"], list(summary["weakest"])
     if identity:
         table = Table("subject", *(labels.get(m, m) for m in identity))

@@ -50,12 +50,15 @@ from cgrpo.imaging import grid, save_png, square_resize
 from cgrpo.io import atomic_write_json, atomic_write_text
 from cgrpo.policy.base import Policy
 from cgrpo.train.sampling import item_seed, seeded_images
+from cgrpo.train.subjects import batch_references, references_to
 
 # No column but the metrics holds numbers other than the seed: the human-evaluation app keeps every other
 # numeric column as a reward score (the image index k is in the file name).
 BASE_COLUMNS = ("method", "subject", "class", "category", "kind", "prompt", "seed", "image", "reference")
 CONFIG_FILE = "eval_config.json"
 SLUG_LENGTH = 60
+MISSING_COLOUR = (1.0, 0.0, 0.0)  # frame of an image with a missing subject in samples.png
+CONFUSED_COLOUR = (1.0, 0.6, 0.0)  # frame of an image with a subject drawn twice
 
 
 # --- what to evaluate -----------------------------------------------------------------------------------
@@ -70,6 +73,11 @@ class Case:
     category: str
     kind: str
     prompt: str
+
+    @property
+    def subjects(self) -> tuple[str, ...]:
+        """The subjects whose references condition the image: this one (K subjects: :class:`MultiCase`)."""
+        return (self.subject,)
 
 
 @dataclass
@@ -87,6 +95,67 @@ class EvalTask:
     reference: Callable[[str], torch.Tensor]
     reference_path: Callable[[str], str]
     identity_references: Callable[[str], list[torch.Tensor]] | None = None
+
+    # What :func:`run_benchmark` asks of a task: one subject per case here; a task with K subjects per case
+    # (:class:`cgrpo.eval.multi.MultiEvalTask`) overrides these.
+
+    def run_settings(self, identity_references: str) -> dict[str, Any]:
+        """Entries of ``eval_config.json`` and ``summary.json`` besides the generation settings."""
+        return {"identity_references": identity_references}
+
+    def prepare_reference(
+        self, policy: Policy, image: torch.Tensor, reference_size: int | None
+    ) -> torch.Tensor:
+        """One conditioning reference ``[3, h, w]`` (see :func:`prepare_reference`)."""
+        return prepare_reference(policy, image, reference_size)
+
+    def score_columns(self, metrics: Sequence[str]) -> list[str]:
+        """The metric columns of ``scores.csv``, in order."""
+        return list(metrics)
+
+    def metric_columns(self, metric: str) -> set[str]:
+        """Every column a metric writes (a metric's stale scores are dropped together)."""
+        return {metric}
+
+    def score_batch(
+        self,
+        reward: Any,
+        metric: str,
+        rows: Sequence[dict[str, Any]],
+        images: torch.Tensor,
+        resized: Callable[[str, int, bool], list[torch.Tensor]],
+        identity_references: str,
+    ) -> None:
+        """Fill ``metric`` of ``rows`` from their ``images`` ``[N, 3, H, W]``: the score against the
+        conditioning reference, or the mean over every real image of the subject (``identity_references``
+        ``"all"``, identity metrics); ``resized(subject, size, every)`` gives those references."""
+        every = (
+            identity_references == "all"
+            and self.identity_references is not None
+            and metric_info.info(metric).criterion == "identity"
+        )
+        size = images.shape[-1]
+        references = [resized(row["subject"], size, every) for row in rows]
+        prompts = [row["prompt"] for row in rows]
+        subjects = [row["class"] for row in rows]
+        scores = _score_against_references(reward, images, references, prompts, subjects)
+        for row, score in zip(rows, scores.tolist(), strict=True):
+            row[metric] = score
+
+    def summarise(
+        self, rows: Sequence[dict[str, Any]], metrics: Sequence[str], method: str, n_resamples: int, seed: int
+    ) -> dict[str, Any]:
+        return summarise(rows, metrics, method, n_resamples=n_resamples, seed=seed)
+
+    def describe(self, summary: dict[str, Any], settings: GenerationSettings, images_per_prompt: int) -> str:
+        """The line under ``table.md``'s title."""
+        return (
+            f"{summary['n_images']} images: {summary['n_subjects']} subjects, {summary['n_prompts']} "
+            f"(subject, prompt) pairs, {images_per_prompt} images each; {_generation_text(settings)}."
+        )
+
+    def markdown(self, summary: dict[str, Any], title: str, description: str) -> str:
+        return markdown_table(summary, title, description)
 
 
 @dataclass(frozen=True)
@@ -184,16 +253,13 @@ def generate_images(
     sigmas: torch.Tensor,
 ) -> torch.Tensor:
     """ODE samples ``[B, 3, H, W]`` in [0, 1] for B (prompt, reference(s), seed) triples; ``references``:
-    ``[B, 3, h, w]`` or K tensors ``[B, 3, h_k, w_k]`` (what :meth:`Policy.condition` takes).
+    ``[B, 3, h, w]``, ``[B, K, 3, h, w]`` or K tensors ``[B, 3, h_k, w_k]`` (what :meth:`Policy.condition`
+    takes, :func:`cgrpo.train.subjects.batch_references`).
 
     Each sample's initial noise comes from its own seed, so the result does not depend on the batch; the
     trainer's held-out evaluation samples the same way (:func:`cgrpo.train.sampling.seeded_images`).
     """
-    if isinstance(references, torch.Tensor):
-        references = references.to(policy.device)
-    else:
-        references = [reference.to(policy.device) for reference in references]
-    cond = policy.condition(list(prompts), references)
+    cond = policy.condition(list(prompts), references_to(references, policy.device))
     return seeded_images(policy, cond, seeds, sigmas).float().cpu()
 
 
@@ -313,7 +379,8 @@ def generate_missing(
     batch_size: int,
     progress: bool = True,
 ) -> list[Item]:
-    """Generate the items whose PNG is missing; returns them. The policy is built only if one is missing."""
+    """Generate the items whose PNG is missing, each conditioned on the references of its case's subjects;
+    returns them. The policy is built only if one is missing."""
     missing = [item for item in items if not (out / item.image).is_file()]
     if not missing:
         return []
@@ -322,16 +389,27 @@ def generate_missing(
     policy = policy_factory()
     # The policy's own schedule (UNO's shift for `uno`) unless --shift asks for a static one.
     sigmas = schedule(policy, settings.steps, settings.shift)
-    references: dict[str, torch.Tensor] = {}
+    prepared: dict[str, list[torch.Tensor]] = {}  # by case.subject: the case's K prepared references
+    groups: dict[tuple[tuple[int, ...], ...], list[Item]] = {}
+    for item in missing:  # cases whose references differ in size cannot share a forward pass
+        case = item.case
+        if case.subject not in prepared:
+            prepared[case.subject] = [
+                task.prepare_reference(policy, task.reference(subject), settings.reference_size)
+                for subject in case.subjects
+            ]
+        groups.setdefault(tuple(tuple(r.shape) for r in prepared[case.subject]), []).append(item)
     bar = tqdm(total=len(missing), desc=f"{task.name}: generating", unit="img", disable=not progress)
     try:
-        # Items whose references differ in size cannot share a forward pass: batch them by size.
-        for group in _by_reference_size(missing, references, task, settings, policy):
+        for group in groups.values():
             for batch in _batches(group, batch_size):
+                per_subject = [
+                    torch.stack(refs) for refs in zip(*(prepared[i.case.subject] for i in batch), strict=True)
+                ]
                 images = generate_images(
                     policy,
                     [item.case.prompt for item in batch],
-                    torch.stack([references[item.case.subject] for item in batch]),
+                    batch_references(per_subject),
                     [item.seed for item in batch],
                     sigmas,
                 )
@@ -352,24 +430,6 @@ def prepare_reference(policy: Policy, image: torch.Tensor, reference_size: int |
     if reference_size is not None:
         return square_resize(image, reference_size)
     return policy.prepare_references([image])[0]
-
-
-def _by_reference_size(
-    items: Sequence[Item],
-    references: dict[str, torch.Tensor],
-    task: EvalTask,
-    settings: GenerationSettings,
-    policy: Policy,
-) -> list[list[Item]]:
-    """``items`` grouped by the size of their prepared reference (filled into ``references`` by subject),
-    groups in order of first appearance; one group when every reference has the same size."""
-    groups: dict[tuple[int, ...], list[Item]] = {}
-    for item in items:
-        subject = item.case.subject
-        if subject not in references:
-            references[subject] = prepare_reference(policy, task.reference(subject), settings.reference_size)
-        groups.setdefault(tuple(references[subject].shape), []).append(item)
-    return list(groups.values())
 
 
 def _free_memory() -> None:
@@ -393,12 +453,12 @@ def score_missing(
     scores_path: Path | None = None,
     device: str | None = None,
 ) -> None:
-    """Fill the missing metric cells of ``rows`` in place, metric by metric; ``scores.csv`` is rewritten
-    after each batch so that an interrupted run keeps what it scored. A non-finite score is stored as an
-    empty cell, so the next run retries it."""
+    """Fill the missing metric cells of ``rows`` in place, metric by metric (:meth:`EvalTask.score_batch`);
+    ``scores.csv`` is rewritten after each batch so that an interrupted run keeps what it scored. A
+    non-finite score is stored as an empty cell, so the next run retries it."""
     cache: dict[tuple[str, int, bool], list[torch.Tensor]] = {}
 
-    def references_of(subject: str, size: int, every: bool) -> list[torch.Tensor]:
+    def resized(subject: str, size: int, every: bool) -> list[torch.Tensor]:
         """The conditioning reference, or every real image of the subject, at the generated size."""
         key = (subject, size, every)
         if key not in cache:
@@ -406,29 +466,19 @@ def score_missing(
             cache[key] = [square_resize(image, size) for image in images]
         return cache[key]
 
+    columns = task.score_columns(metrics)
     for metric in metrics:
         todo = [row for row in rows if not _has_score(row, metric)]
         if not todo:
             continue
         reward = metric_info.build_metric(metric, metric_options.get(metric), device)
-        every = (
-            identity_references == "all"
-            and task.identity_references is not None
-            and metric_info.info(metric).criterion == "identity"
-        )
         bar = tqdm(total=len(todo), desc=f"{task.name}: {metric}", unit="img", disable=not progress)
         try:
             for batch in _batches(todo, batch_size):
                 images = torch.stack([load_image(out / row["image"]) for row in batch])
-                size = images.shape[-1]
-                prompts = [row["prompt"] for row in batch]
-                subjects = [row["class"] for row in batch]
-                refs = [references_of(row["subject"], size, every) for row in batch]
-                scores = _score_against_references(reward, images, refs, prompts, subjects)
-                for row, score in zip(batch, scores.tolist(), strict=True):
-                    row[metric] = score
+                task.score_batch(reward, metric, batch, images, resized, identity_references)
                 if scores_path is not None:
-                    write_scores(scores_path, rows, metrics)
+                    write_scores(scores_path, rows, columns)
                 bar.update(len(batch))
         finally:
             bar.close()
@@ -551,9 +601,16 @@ def markdown_table(summary: dict[str, Any], title: str, description: str = "") -
 
 
 def sample_grid(
-    out: Path, rows: Sequence[dict[str, Any]], task: EvalTask, max_subjects: int = 8
+    out: Path,
+    rows: Sequence[dict[str, Any]],
+    task: EvalTask,
+    metrics: Sequence[str] = (),
+    max_subjects: int = 8,
 ) -> Path | None:
-    """``samples.png``: per subject (first prompt), the reference then its K images."""
+    """``samples.png``: per case subject (its first prompt), the K references then its images; an image with
+    a missing subject is framed red, one with a subject drawn twice orange (by the first of ``metrics`` that
+    counts them: a multi-subject ``dino_seg``)."""
+    counted = next((m for m in metrics if any(_has_score(r, f"{m}_missing") for r in rows)), None)
     by_case: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         by_case[(row["subject"], row["prompt"])].append(row)
@@ -564,14 +621,33 @@ def sample_grid(
             chosen.append(sorted(case_rows, key=lambda r: int(Path(r["image"]).stem)))
     if not chosen:
         return None
-    k = min(len(c) for c in chosen)
-    first = load_image(out / chosen[0][0]["image"])
-    size = first.shape[-1]
-    columns = [torch.stack([square_resize(task.reference(c[0]["subject"]), size) for c in chosen])]
-    for j in range(k):
-        columns.append(torch.stack([load_image(out / c[j]["image"]) for c in chosen]))
-    scale = max(1, 128 // size)
-    return save_png(grid(columns, scale=scale), out / "samples.png")
+    subjects = {case.subject: case.subjects for case in task.cases}
+    references = [subjects[c[0]["subject"]] for c in chosen]
+    count = min(len(c) for c in chosen)
+    size = load_image(out / chosen[0][0]["image"]).shape[-1]
+    columns = [
+        torch.stack([square_resize(task.reference(refs[j]), size) for refs in references])
+        for j in range(len(references[0]))
+    ]
+    for j in range(count):
+        tiles = []
+        for c in chosen:
+            row, image = c[j], load_image(out / c[j]["image"])
+            if counted and parse_score(row.get(f"{counted}_missing")) > 0:
+                image = _framed(image, MISSING_COLOUR)
+            elif counted and parse_score(row.get(f"{counted}_confused")) > 0:
+                image = _framed(image, CONFUSED_COLOUR)
+            tiles.append(image)
+        columns.append(torch.stack(tiles))
+    return save_png(grid(columns, scale=max(1, 128 // size)), out / "samples.png")
+
+
+def _framed(image: torch.Tensor, colour: tuple[float, float, float], width: int = 2) -> torch.Tensor:
+    framed = image.clone()
+    value = torch.tensor(colour, dtype=image.dtype)[:, None, None]
+    framed[:, :width], framed[:, -width:] = value, value
+    framed[:, :, :width], framed[:, :, -width:] = value, value
+    return framed
 
 
 def run_benchmark(
@@ -592,7 +668,8 @@ def run_benchmark(
     title: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Generate and score every (case, k) of ``task`` into ``out``; returns the summary (also written)."""
+    """Generate and score every (case, k) of ``task`` into ``out``; returns the summary (also written).
+    One subject per case, or K (a :class:`cgrpo.eval.multi.MultiEvalTask`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     metrics = list(metrics)
@@ -602,12 +679,15 @@ def run_benchmark(
     metric_info.check_metrics(metrics)
     method = method or _default_method(settings)
     items = build_items(task.cases, images_per_prompt, settings.seed)
-    config = {"task": task.name, **settings.as_dict(), "identity_references": identity_references}
+    run_settings = task.run_settings(identity_references)
+    config = {"task": task.name, **settings.as_dict(), **run_settings}
     old_config = _check_config(out, config, has_images=(out / "images").is_dir())
     # Scores of a metric computed with other options (another checkpoint path, say) are not reused.
     old_options = old_config.get("metric_options", {})
     new_options = {m: _jsonable(metric_options.get(m, {})) for m in metrics}
-    stale = {m for m in metrics if m in old_options and old_options[m] != new_options[m]}
+    stale = set().union(
+        *(task.metric_columns(m) for m in metrics if m in old_options and old_options[m] != new_options[m])
+    )
     all_options = {**old_options, **new_options}
     atomic_write_json(out / CONFIG_FILE, {**config, "metric_options": all_options})
 
@@ -616,11 +696,12 @@ def run_benchmark(
         item.image for item in generate_missing(task, items, out, settings, factory, batch_size, progress)
     }
 
+    columns = task.score_columns(metrics)
     scores_path = out / "scores.csv"
     previous = {row["image"]: row for row in read_scores(scores_path)}
     rows = []
     for item in items:
-        row = _row(item, method, task.reference_path(item.case.subject))
+        row = _row(item, method, ";".join(task.reference_path(s) for s in item.case.subjects))
         old = previous.get(item.image)
         if old is not None and item.image not in regenerated:
             # Reuse finished scores; the descriptive columns are rebuilt from the task.
@@ -632,7 +713,7 @@ def run_benchmark(
                 }
             )
         rows.append(row)
-    write_scores(scores_path, rows, metrics)
+    write_scores(scores_path, rows, columns)
     score_missing(
         task,
         rows,
@@ -645,29 +726,30 @@ def run_benchmark(
         scores_path,
         device,
     )
-    write_scores(scores_path, rows, metrics)
+    write_scores(scores_path, rows, columns)
 
-    summary = summarise(rows, metrics, method, n_resamples=n_resamples, seed=ci_seed)
+    summary = task.summarise(rows, metrics, method, n_resamples, ci_seed)
     summary.update(
         {
             "task": task.name,
             "images_per_prompt": images_per_prompt,
             "generation": settings.as_dict(),
-            "identity_references": identity_references,
+            **run_settings,
         }
     )
     atomic_write_json(out / "summary.json", summary)
-    description = (
-        f"{summary['n_images']} images: {summary['n_subjects']} subjects, {summary['n_prompts']} "
-        f"(subject, prompt) pairs, {images_per_prompt} images each; policy `{settings.policy}`"
-        f"{f' + LoRA `{settings.lora}`' if settings.lora else ''}, {settings.steps} ODE steps, "
-        f"seed {settings.seed}."
-    )
+    description = task.describe(summary, settings, images_per_prompt)
     atomic_write_text(
-        out / "table.md", markdown_table(summary, title or f"{task.name}: {method}", description)
+        out / "table.md", task.markdown(summary, title or f"{task.name}: {method}", description)
     )
-    sample_grid(out, rows, task)
+    sample_grid(out, rows, task, metrics)
     return summary
+
+
+def _generation_text(settings: GenerationSettings) -> str:
+    """``policy `mini` + LoRA `run/final`, 25 ODE steps, seed 0`` (the end of a table's description)."""
+    lora = f" + LoRA `{settings.lora}`" if settings.lora else ""
+    return f"policy `{settings.policy}`{lora}, {settings.steps} ODE steps, seed {settings.seed}"
 
 
 def _default_method(settings: GenerationSettings) -> str:

@@ -122,6 +122,29 @@ def check_subjects(subjects: Sequence[str] | None, n: int) -> None:
         raise ValueError(f"reward batch mismatch: {n} images but {len(subjects)} subjects")
 
 
+def check_subject_batches(
+    images: ImageBatch,
+    references: Sequence[ImageBatch],
+    prompts: Sequence[str],
+    subject_classes: Sequence[Sequence[str] | None] | None,
+) -> list[Sequence[str] | None]:
+    """Check the arguments of a ``score_subjects`` call (K reference batches and K class lists or None, each
+    of the N images' length); returns the K class lists (``None`` each when none are given)."""
+    k = len(references)
+    classes = list(subject_classes) if subject_classes is not None else [None] * k
+    if k == 0 or len(classes) != k:
+        raise ValueError(f"score_subjects: {k} subjects' references but {len(classes)} lists of classes")
+    n = len(images)
+    for j, (refs, names) in enumerate(zip(references, classes, strict=True)):
+        sizes = (len(refs), len(prompts), n if names is None else len(names))
+        if sizes != (n, n, n):
+            raise ValueError(
+                f"score_subjects: subject {j}: {n} images but {sizes[0]} references, {sizes[1]} prompts and "
+                f"{sizes[2]} class names"
+            )
+    return classes
+
+
 @dataclass(frozen=True)
 class RewardBatch:
     """One checked, non-empty reward batch: N images, N references, N prompts and N subjects (or ``None``)."""
@@ -185,9 +208,7 @@ def score_subjects(
     k = len(references)
     if k == 0:
         raise ValueError("score_subjects needs at least one subject's references")
-    classes = list(subject_classes) if subject_classes is not None else [None] * k
-    if len(classes) != k:
-        raise ValueError(f"score_subjects: {k} subjects' references but {len(classes)} lists of classes")
+    classes = check_subject_batches(images, references, prompts, subject_classes)
     n = len(images)
     joint = getattr(reward, "score_subjects", None)
     if callable(joint):

@@ -56,7 +56,7 @@ from cgrpo.rewards._hf import (
     resolve_dtype,
     to_model,
 )
-from cgrpo.rewards.base import BatchReward, ImageBatch, RewardBatch, register, to_pil
+from cgrpo.rewards.base import BatchReward, ImageBatch, RewardBatch, check_subject_batches, register, to_pil
 
 Box = list[float]  # [x0, y0, x1, y1] in pixels
 
@@ -396,18 +396,8 @@ class DinoSegReward(BatchReward):
         ``references``: K batches, the k-th subject's reference of every image; ``subject_classes``: K lists
         of N class names (a ``None`` list: the default subject). Diagnostics: :meth:`last_assignment`.
         """
-        k = len(references)
-        classes = list(subject_classes) if subject_classes is not None else [None] * k
-        n = len(images)
-        if k == 0 or len(classes) != k:
-            raise ValueError(f"dino_seg: {k} subjects' references but {len(classes)} lists of classes")
-        for j in range(k):
-            if (
-                len(references[j]) != n
-                or len(prompts) != n
-                or (classes[j] is not None and len(classes[j]) != n)
-            ):
-                raise ValueError(f"dino_seg: subject {j}: batch sizes differ from the {n} images")
+        k, n = len(references), len(images)
+        classes = check_subject_batches(images, references, prompts, subject_classes)
         self._last_assignment = []
         if n == 0:
             return torch.zeros(0, k)

@@ -45,7 +45,15 @@ from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
 from cgrpo.data import miniworld as mw
-from cgrpo.rewards.base import BatchReward, ImageBatch, RewardBatch, check_batch, register, to_tensor
+from cgrpo.rewards.base import (
+    BatchReward,
+    ImageBatch,
+    RewardBatch,
+    check_batch,
+    check_subject_batches,
+    register,
+    to_tensor,
+)
 
 FOREGROUND_THRESHOLD = 0.2  # RGB distance from the background; world colours are >= 0.4 apart
 KEEP_FRACTION = 0.25  # components smaller than this share of the largest are specks, not subject
@@ -694,8 +702,7 @@ class MiniIdentityReward(_MiniReward):
         non-finite images or references."""
         references = list(references)
         n, k = len(images), len(references)
-        for refs in references:
-            check_batch(images, refs, prompts)
+        check_subject_batches(images, references, prompts, subject_classes)
         batch, finite = _prepare(images, self.image_size)
         prepared = [_prepare(refs, self.image_size) for refs in references]
         seg = segment(batch, self.threshold)

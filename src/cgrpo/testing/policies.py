@@ -21,19 +21,21 @@ from cgrpo.testing.rewards import byte_alphabet, clip_byte_vocab
 
 # --- the mini policy ----------------------------------------------------------------------------------------
 
-# For unit tests: 1 double + 1 single block, 16x16 images (16 + 16 image tokens), 8 text tokens.
-TINY_MINI_TRANSFORMER: dict[str, Any] = dict(
+# The FLUX.1 transformer of every tiny FLUX policy: 1 double + 1 single block, 2 heads x 16.
+TINY_FLUX_TRANSFORMER: dict[str, Any] = dict(
     patch_size=1,
-    in_channels=48,
+    in_channels=16,  # 4 VAE channels x 2x2 packing
     num_layers=1,
     num_single_layers=1,
     attention_head_dim=16,
     num_attention_heads=2,
     joint_attention_dim=32,
     pooled_projection_dim=32,
-    guidance_embeds=False,
+    guidance_embeds=True,
     axes_dims_rope=(4, 6, 6),
 )
+# For unit tests: the same at 16x16 images (16 + 16 image tokens of 4x4 RGB pixels), 8 text tokens.
+TINY_MINI_TRANSFORMER: dict[str, Any] = {**TINY_FLUX_TRANSFORMER, "in_channels": 48, "guidance_embeds": False}
 TINY_MINI_TEXT: dict[str, Any] = dict(
     hidden_size=32,
     intermediate_size=64,
@@ -73,18 +75,6 @@ def tiny_policy_for_tests(seed: int = 0, vocabulary: Iterable[str] | None = None
 
 # --- FLUX.1: UNO and Kontext --------------------------------------------------------------------------------
 
-TINY_FLUX_TRANSFORMER: dict[str, Any] = dict(
-    patch_size=1,
-    in_channels=16,  # 4 VAE channels x 2x2 packing
-    num_layers=1,
-    num_single_layers=1,
-    attention_head_dim=16,
-    num_attention_heads=2,
-    joint_attention_dim=32,
-    pooled_projection_dim=32,
-    guidance_embeds=True,
-    axes_dims_rope=(4, 6, 6),
-)
 TINY_TEXT_LENGTH = 16
 
 

@@ -72,7 +72,13 @@ def _counts(examples: SubjectDataset | Sequence[Example]) -> Iterator[tuple[str,
 def condition_references(examples: Sequence[Example]) -> References:
     """The references of a batch for ``policy.condition``: ``[B, 3, H, W]`` for one subject (as always),
     ``[B, K, 3, H, W]`` for K subjects of one size, else K tensors ``[B, 3, H_k, W_k]``."""
-    per_subject = references_per_subject(examples)
+    return batch_references(references_per_subject(examples))
+
+
+def batch_references(per_subject: Sequence[torch.Tensor]) -> References:
+    """K reference batches ``[B, 3, H_k, W_k]`` in the form ``policy.condition`` takes: ``[B, 3, H, W]`` for
+    one subject, ``[B, K, 3, H, W]`` for K of one size, else the K batches."""
+    per_subject = list(per_subject)
     if len(per_subject) == 1:
         return per_subject[0]
     if len({tuple(r.shape) for r in per_subject}) == 1:
