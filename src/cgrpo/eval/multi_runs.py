@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def write_grid(runs: Path, methods: list[str], path: Path, seed: int = 0) -> None:
-    """References, base and every method's image for the first held-out scene of each prompt kind."""
+    """References, base and every method's image for a held-out scene of each prompt kind."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,10 +126,11 @@ def write_grid(runs: Path, methods: list[str], path: Path, seed: int = 0) -> Non
     _, heldout = build_datasets(config.data, config.seed)
     base_images, _ = eval_images(first)
     repeat = len(base_images) // len(heldout)
-    rows, seen = [], set()
-    for index, example in enumerate(heldout):
-        if example.kind not in seen:
-            seen.add(example.kind)
+    rows, kinds, pairs = [], set(), set()
+    for index, example in enumerate(heldout):  # one scene per prompt kind, each of another subject pair
+        if example.kind not in kinds and example.subject_id not in pairs:
+            kinds.add(example.kind)
+            pairs.add(example.subject_id)
             rows.append(index)
     columns = [("reference 1", None), ("reference 2", None), ("base", base_images)]
     columns += [(m, eval_images(runs / f"{m}_s{seed}")[1]) for m in methods]
