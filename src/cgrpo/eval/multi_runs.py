@@ -89,15 +89,20 @@ def main(argv: list[str] | None = None) -> None:
         c = entry["change"][key]
         return f"{entry['trained'][key]:.3f} ({c['mean']:+.3f} ± {c['ci95']:.3f})"
 
+    def subjects(entry: dict) -> str:
+        t, c = entry["trained"], entry["change"]
+        return f"{t['id_0']:.3f} / {t['id_1']:.3f} ({c['id_0']['mean']:+.3f} / {c['id_1']['mean']:+.3f})"
+
     lines = [
-        "| method | seed | identity, mean of subjects | weakest subject | prompt "
+        "| method | seed | identity, mean of subjects | subject 1 / subject 2 | weakest subject | prompt "
         "| missing / confused per image |",
-        "|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|",
     ]
     for seed in sorted(base_done):
         b = {k: float(base_done[seed][k].mean()) for k in keys}
         lines.append(
-            f"| base | {seed} | {b['id']:.3f} | {b['id_min']:.3f} | {b['prompt']:.3f} | "
+            f"| base | {seed} | {b['id']:.3f} | {b['id_0']:.3f} / {b['id_1']:.3f} | {b['id_min']:.3f} "
+            f"| {b['prompt']:.3f} | "
             f"{b['missing']:.3f} / {b['confused']:.3f} |"
         )
         for method in args.methods:
@@ -106,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             t = entry["trained"]
             lines.append(
-                f"| {method} | {seed} | {cell(entry, 'id')} | {cell(entry, 'id_min')} "
+                f"| {method} | {seed} | {cell(entry, 'id')} | {subjects(entry)} | {cell(entry, 'id_min')} "
                 f"| {cell(entry, 'prompt')} | {t['missing']:.3f} / {t['confused']:.3f} |"
             )
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
