@@ -47,6 +47,6 @@ def test_table_pairs_each_run_with_the_base_images(tiny_policy_dir, tmp_path):
     # both runs of seed 0 share the base row
     assert results["weakest/0"]["base"] == entry["base"]
     table = (tmp_path / "out" / "table.md").read_text()
-    assert table.count("| base | 0 |") == 1 and "| weakest | 0 |" in table
+    assert table.count("| base | all |") == 1 and "| weakest | 0 |" in table
     assert (tmp_path / "out" / "grid.png").stat().st_size > 0
     assert torch.load(sorted((runs / "mean_s0" / "samples").glob("eval-step-*.pt"))[-1]).ndim == 4

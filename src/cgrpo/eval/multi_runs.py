@@ -98,13 +98,17 @@ def main(argv: list[str] | None = None) -> None:
         "| missing / confused per image |",
         "|---|---|---|---|---|---|---|",
     ]
+    # The training seed does not touch the base's held-out images: one base row when they are the same.
+    same_base = all(
+        torch.equal(base_done[s][k], base_done[min(base_done)][k]) for s in base_done for k in keys
+    )
     for seed in sorted(base_done):
         b = {k: float(base_done[seed][k].mean()) for k in keys}
-        lines.append(
-            f"| base | {seed} | {b['id']:.3f} | {b['id_0']:.3f} / {b['id_1']:.3f} | {b['id_min']:.3f} "
-            f"| {b['prompt']:.3f} | "
-            f"{b['missing']:.3f} / {b['confused']:.3f} |"
-        )
+        if not same_base or seed == min(base_done):
+            lines.append(
+                f"| base | {'all' if same_base else seed} | {b['id']:.3f} "
+                f"| {b['id_0']:.3f} / {b['id_1']:.3f} | {b['id_min']:.3f} | {b['prompt']:.3f} | {b['missing']:.3f} / {b['confused']:.3f} |"
+            )
         for method in args.methods:
             entry = results.get(f"{method}/{seed}")
             if entry is None:
