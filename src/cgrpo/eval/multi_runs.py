@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
         if not same_base or seed == min(base_done):
             lines.append(
                 f"| base | {'all' if same_base else seed} | {b['id']:.3f} "
-                f"| {b['id_0']:.3f} / {b['id_1']:.3f} | {b['id_min']:.3f} | {b['prompt']:.3f} | {b['missing']:.3f} / {b['confused']:.3f} |"
+                f"| {b['id_0']:.3f} / {b['id_1']:.3f} | {b['id_min']:.3f} | {b['prompt']:.3f} "
+                f"| {b['missing']:.3f} / {b['confused']:.3f} |"
             )
         for method in args.methods:
             entry = results.get(f"{method}/{seed}")
