@@ -54,6 +54,8 @@ def _setup(kind: str, root):
 
         options, size = save_tiny_kontext(root / "kontext"), 32
         base = options["flux_path"]
+        # references at the test's size: Kontext's own default (~1 MP) would make this CPU test take minutes
+        options["reference_size"] = size
     else:
         from cgrpo.testing.policies import save_tiny_flux2_klein
 
