@@ -25,13 +25,12 @@ class SubjectCountError(TrainingError):
 
 def references_of(example: Example) -> tuple[torch.Tensor, ...]:
     """The example's K references ``[3, H_k, W_k]``, first = ``example.reference``."""
-    # An Example-like without the multi-subject fields (a dataset written before them) has one subject.
-    return tuple(getattr(example, "references", None) or (example.reference,))
+    return tuple(example.references)
 
 
 def classes_of(example: Example) -> tuple[str, ...]:
     """The example's K subject class names, first = ``example.subject_class``."""
-    return tuple(getattr(example, "subject_classes", None) or (example.subject_class,))
+    return tuple(example.subject_classes)
 
 
 def subject_count(examples: SubjectDataset | Sequence[Example], dataset: str) -> int:
