@@ -160,6 +160,17 @@ def test_budgets_and_time_estimates():
     assert makespan([3, 3, 2, 2], 2) == 5
 
 
+def test_report_states_the_run_budget_and_world_version():
+    from cgrpo.data.miniworld import WORLD_VERSION
+    from cgrpo.reproduce.report import budget_line
+
+    full = build_plan("mini")
+    t = next(r for r in full.runs if r.spec.slug == MAIN).config["train"]
+    line = budget_line(full)
+    assert f"{t['iterations']} iterations x {t['prompts_per_iteration']} prompts" in line
+    assert f"World version {WORLD_VERSION}" in line
+
+
 def test_claim_verdicts_respect_seed_noise():
     from cgrpo.reproduce.report import _verdict
 
@@ -316,6 +327,7 @@ def test_reproduce_quick_end_to_end_then_skips_finished_runs(tiny_world, tmp_pat
     )
     assert "| Naive GRPO (1:1) |" in report and "| 0.861 | 0.912 | 0.235 | 4.12 |" in report
     assert "| UNO (Base) |" in report and "The paper's claims" in report
+    assert "Each GRPO run: 2 iterations x 2 prompts x G = " in report  # --iterations and the quick batch
     assert (out / "tradeoff.png").is_file() and "Pareto front" in report
 
     # a second invocation trains nothing

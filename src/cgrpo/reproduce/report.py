@@ -287,6 +287,20 @@ def tradeoff_points(plan: Plan) -> list[Path]:
     return paths
 
 
+def budget_line(plan: Plan) -> str:
+    """What one GRPO run of the plan trains, and the world version its data says (results of different
+    versions must never be compared)."""
+    main = next(run for run in plan.runs if run.spec.slug == MAIN)
+    train, data = main.config["train"], main.config["data"]
+    line = (
+        f"Each GRPO run: {train['iterations']} iterations x {train['prompts_per_iteration']} prompts x "
+        f"G = {train['group_size']}, {train['train_steps']} trained denoising steps per sample; SFT and RPO "
+        "get the same budget in trained (sample, step) terms."
+    )
+    version = data.get("options", {}).get("version")
+    return line + (f" World version {version} (`data.options.version`)." if version is not None else "")
+
+
 def write_report(plan: Plan, outcome: Any | None = None) -> Path:
     """Write ``OUT/report.md`` (and ``OUT/tradeoff.png`` when two or more rows have numbers)."""
     from cgrpo.reproduce.plan import TABLES
@@ -301,6 +315,7 @@ def write_report(plan: Plan, outcome: Any | None = None) -> Path:
         f"({finished} finished). Ours: held-out rewards of the trained policy, mean ± std over seeds "
         f"(`{id_name}` and `{prompt_name}`). Paper: DreamBench numbers as published (arXiv 2510.18263).",
     ]
+    lines += ["", budget_line(plan)]
     if plan.world == "mini":
         lines += [
             "",
