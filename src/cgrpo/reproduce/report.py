@@ -290,7 +290,10 @@ def tradeoff_points(plan: Plan) -> list[Path]:
 def budget_line(plan: Plan) -> str:
     """What one GRPO run of the plan trains, and the world version its data says (results of different
     versions must never be compared)."""
-    main = next(run for run in plan.runs if run.spec.slug == MAIN)
+    grpo = [run for run in plan.runs if run.kind == "grpo"]
+    if not grpo:
+        return "No GRPO run in this plan."
+    main = next((run for run in grpo if run.spec.slug == MAIN), grpo[0])
     train, data = main.config["train"], main.config["data"]
     line = (
         f"Each GRPO run: {train['iterations']} iterations x {train['prompts_per_iteration']} prompts x "
