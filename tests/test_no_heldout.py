@@ -39,6 +39,16 @@ def _jsonl_dataset(directory):
     return path
 
 
+def _tiny_policy_on_jsonl(tiny_policy_dir, tmp_path) -> list[str]:
+    """Overrides shared by the GRPO and RPO runs: the tiny policy on a JSONL set without held-out data."""
+    jsonl = _jsonl_dataset(tmp_path / "data")
+    return [
+        f"policy.options={{path: {tiny_policy_dir}}}",
+        "data.name=jsonl",
+        f"data.options={{path: {jsonl}, image_size: 16}}",
+    ]
+
+
 def _train_and_check_summary(config_class, command: str, run, overrides: list[str], tmp_path) -> None:
     """``cgrpo <command>`` on a config of ``config_class`` with ``overrides``: it succeeds, and the summary in
     ``run`` says that there was no held-out data."""
@@ -51,12 +61,9 @@ def _train_and_check_summary(config_class, command: str, run, overrides: list[st
 
 
 def test_cli_train_without_heldout_data_succeeds_and_says_so(tiny_policy_dir, tmp_path):
-    jsonl = _jsonl_dataset(tmp_path / "data")
     run = tmp_path / "run"
     overrides = [
-        f"policy.options={{path: {tiny_policy_dir}}}",
-        "data.name=jsonl",
-        f"data.options={{path: {jsonl}, image_size: 16}}",
+        *_tiny_policy_on_jsonl(tiny_policy_dir, tmp_path),
         "train.iterations=2",
         "train.prompts_per_iteration=2",
         "train.group_size=2",
@@ -73,12 +80,9 @@ def test_cli_train_without_heldout_data_succeeds_and_says_so(tiny_policy_dir, tm
 
 
 def test_cli_rpo_without_heldout_data_succeeds_and_says_so(tiny_policy_dir, tmp_path):
-    jsonl = _jsonl_dataset(tmp_path / "data")
     run = tmp_path / "rpo"
     overrides = [
-        f"policy.options={{path: {tiny_policy_dir}}}",
-        "data.name=jsonl",
-        f"data.options={{path: {jsonl}, image_size: 16}}",
+        *_tiny_policy_on_jsonl(tiny_policy_dir, tmp_path),
         "sampling.num_steps=3",
         "pairs.prompts=4",
         "pairs.candidates=4",
