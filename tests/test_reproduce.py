@@ -20,6 +20,7 @@ from cgrpo.reproduce.plan import (
     build_plan,
     configs_dir,
     estimate_seconds,
+    heldout_seconds,
     makespan,
 )
 from cgrpo.train.config import GRPOConfig
@@ -153,7 +154,8 @@ def test_budgets_and_time_estimates():
     assert rpo["pairs"]["candidates"] == t["group_size"]
     assert sft["data"]["dataset"] == by_slug[MAIN].config["data"]
     assert rpo["eval"]["seed"] == by_slug[MAIN].config["eval"]["seed"]
-    hours = makespan([estimate_seconds(r) for r in full.runs], 2) / 3600
+    evaluations = [heldout_seconds(full.profile.heldout)] * (len(full.runs) + 1)  # and the base
+    hours = (makespan([estimate_seconds(r) for r in full.runs], 2) + makespan(evaluations, 2)) / 3600
     minutes = makespan([estimate_seconds(r) for r in quick.runs], 2) / 60
     assert len(full.seeds) == 3 and hours <= 3.0
     assert len(quick.seeds) == 1 and minutes <= 20.0
@@ -179,10 +181,18 @@ def test_claim_verdicts_respect_seed_noise():
     assert _verdict([None, False]) == "does not hold"
 
 
+def _trainers_numbers(plan: Plan) -> Plan:
+    """``plan`` reading each run's own ``summary.json`` (its profile's held-out set removed)."""
+    import dataclasses
+
+    plan.profile = dataclasses.replace(plan.profile, heldout=None)
+    return plan
+
+
 def test_claims_are_read_from_the_runs_summaries(tmp_path):
     from cgrpo.reproduce.report import claim_lines
 
-    plan = build_plan("mini", "2,3,5", seeds=2, out=tmp_path)
+    plan = _trainers_numbers(build_plan("mini", "2,3,5", seeds=2, out=tmp_path))
     # (id, prompt) per run, the same for both seeds but for a small seed wobble
     values = {
         MAIN: (0.75, 0.78),
@@ -223,11 +233,63 @@ def test_claims_are_read_from_the_runs_summaries(tmp_path):
     assert seeds_agreeing[trade] == "2/2, 2/2"
 
     # one seed: no spread, so differences below the single-seed floor are unclear
-    one = build_plan("mini", "2,3,5", seeds=1, out=tmp_path)
+    one = _trainers_numbers(build_plan("mini", "2,3,5", seeds=1, out=tmp_path))
     lines = "\n".join(claim_lines(one))
     assert f"| {trade} | holds | holds | 1/1, 1/1 |" in lines
     alpha = "Alpha past 0.5 hurts prompt following (alpha 0.8 and 1.0 vs 0.5)"
     assert f"| {alpha} | holds | unclear | 1/1, 1/1 |" in lines
+
+
+def test_full_profile_evaluates_every_policy_on_one_larger_heldout_set(tmp_path):
+    from cgrpo.reproduce.heldout import eval_command, pending
+
+    full = build_plan("mini", out=tmp_path)
+    heldout = full.profile.heldout
+    assert heldout is not None and heldout.images >= 1000  # 80 images give +-0.04 per mean
+    assert build_plan("mini", quick=True).profile.heldout is None
+    run = full.run(MAIN, 1)
+    command = eval_command(full, run)
+    assert command[command.index("--lora") + 1] == str(run.output_dir)
+    assert command[command.index("--num-subjects") + 1] == str(heldout.num_subjects)
+    assert command[command.index("--images-per-prompt") + 1] == str(heldout.images_per_prompt)
+    assert "--lora" not in eval_command(full, None)
+    # the base first, then only the finished runs that are not evaluated yet
+    assert [name for name, _ in pending(full)] == ["base"]
+    run.output_dir.mkdir(parents=True)
+    (run.output_dir / "summary.json").write_text("{}")
+    assert [name for name, _ in pending(full)] == ["base", run.run_id]
+    (tmp_path / "heldout" / "base").mkdir(parents=True)
+    (tmp_path / "heldout" / "base" / "summary.json").write_text("{}")
+    assert [name for name, _ in pending(full)] == [run.run_id]
+
+
+def test_report_reads_the_plan_heldout_evaluation_not_the_trainers(tmp_path):
+    from cgrpo.reproduce.heldout import heldout_dir
+    from cgrpo.reproduce.report import row_values
+
+    plan = build_plan("mini", "2", seeds=2, out=tmp_path)
+
+    def write(directory: Path, identity: float, prompt: float) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        metrics = {"mini_id": {"mean": identity}, "mini_prompt": {"mean": prompt}}
+        (directory / "summary.json").write_text(json.dumps({"metrics": metrics}))
+
+    for run in plan.runs:  # the trainers' own numbers, which the report must not read
+        run.output_dir.mkdir(parents=True)
+        trainer = {"base": {"id": 0.1, "prompt": 0.1}, "trained": {"id": 0.2, "prompt": 0.2}}
+        (run.output_dir / "summary.json").write_text(json.dumps(trainer))
+    write(heldout_dir(plan, None), 0.70, 0.60)
+    for seed, identity in ((0, 0.74), (1, 0.76)):
+        write(heldout_dir(plan, plan.run(MAIN, seed)), identity, 0.65)
+    main_row = next(r for r in TABLES[2].rows if r.run == MAIN and r.use == "trained")
+    base_row = next(r for r in TABLES[2].rows if r.use == "base")
+    cells = row_values(plan, main_row)
+    assert cells["id"].mean == pytest.approx(0.75) and cells["id"].n == 2
+    assert cells["prompt"].mean == pytest.approx(0.65)
+    base = row_values(plan, base_row)
+    assert base["id"].mean == pytest.approx(0.70) and base["prompt"].std == 0.0
+    # a run without its held-out evaluation has no number yet
+    assert row_values(plan, next(r for r in TABLES[2].rows if r.run == "wo_tdw"))["id"].n == 0
 
 
 def test_bad_arguments_name_the_option():
@@ -363,6 +425,36 @@ def test_parallel_workers_report_failures_and_go_on(tmp_path):
     assert sorted(outcome.failed) == sorted(r.run_id for r in runs) and not outcome.finished
     assert events.count("start") == 2 and events.count("fail") == 2
     assert "unknown run kind 'bogus'" in (tmp_path / "logs" / f"{runs[0].run_id}.log").read_text()
+
+
+def test_heldout_evaluations_run_in_subprocesses_and_feed_the_report(tiny_world, tmp_path):
+    """A plan with a held-out set: one tiny run trained, then the base and that run evaluated by
+    ``cgrpo eval mini`` subprocesses; the report's numbers are those evaluations', and a second call
+    evaluates nothing."""
+    import dataclasses
+
+    from cgrpo.reproduce.heldout import heldout_dir
+    from cgrpo.reproduce.plan import HeldoutSet
+    from cgrpo.reproduce.report import row_values
+    from cgrpo.reproduce.runner import evaluate_heldout, execute
+
+    full = build_plan(
+        "mini", "2", quick=True, iterations=1, out=tmp_path, base_configs={"grpo": tiny_world / "grpo.yaml"}
+    )
+    plan = _subset(full, [full.run(MAIN, 0)])
+    plan.profile = dataclasses.replace(plan.profile, heldout=HeldoutSet(2, 1, 1, steps=3))
+    assert execute(plan, jobs=1).finished == [plan.runs[0].run_id]
+    events: list[tuple[str, str]] = []
+    failed = evaluate_heldout(plan, jobs=2, on_event=lambda event, name, _: events.append((event, name)))
+    assert failed == {}, failed
+    assert sorted(events) == sorted(
+        [(e, n) for e in ("start", "done") for n in ("base", plan.runs[0].run_id)]
+    )
+    trained = json.loads((heldout_dir(plan, plan.runs[0]) / "summary.json").read_text())
+    assert trained["n_images"] == 10  # 2 subjects x 5 kinds x 1 prompt x 1 image
+    row = next(r for r in TABLES[2].rows if r.run == MAIN and r.use == "trained")
+    assert row_values(plan, row)["id"].mean == pytest.approx(trained["metrics"]["mini_id"]["mean"])
+    assert evaluate_heldout(plan, jobs=2, on_event=lambda *a: events.append(a)) == {} and len(events) == 4
 
 
 @pytest.mark.slow

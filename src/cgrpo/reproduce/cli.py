@@ -65,7 +65,7 @@ def reproduce_command(
     if dry_run:
         return
     from cgrpo.reproduce.report import write_report
-    from cgrpo.reproduce.runner import execute, write_run_files
+    from cgrpo.reproduce.runner import evaluate_heldout, execute, write_run_files
 
     write_run_files(plan)
     if not (run if run is not None else world == "mini"):
@@ -82,8 +82,14 @@ def reproduce_command(
         style = {"start": "cyan", "done": "green", "skip": "dim", "fail": "bold red"}[event]
         console.print(f"[{style}]{event:5}[/] {planned.run_id} {escape(detail)}")
 
+    def on_eval_event(event: str, name: str, detail: str) -> None:
+        style = {"start": "cyan", "done": "green", "fail": "bold red"}[event]
+        console.print(f"[{style}]{event:5}[/] {name} {escape(detail)}")
+
     try:
         outcome = execute(plan, jobs=jobs, on_event=on_event)
+        failed = evaluate_heldout(plan, jobs=jobs, on_event=on_eval_event)
+        outcome.failed.update({f"held-out evaluation of {name}": reason for name, reason in failed.items()})
     except KeyboardInterrupt:
         report = write_report(plan)
         errors.print(
@@ -134,11 +140,25 @@ def print_plan(plan, jobs: int, console) -> None:
             "(measure one iteration on your GPU, e.g. `cgrpo bench`)"
         )
     else:
-        total = makespan(remaining, jobs)
+        evaluations = _heldout_remaining(plan)
+        total = makespan(remaining, jobs) + makespan(evaluations, jobs)
+        evaluated = f" and {len(evaluations)} held-out evaluations" if evaluations else ""
+        one_core = (sum(remaining) + sum(evaluations)) / 3600
         console.print(
-            f"{len(remaining)} of {len(plan.runs)} runs to train: ~{sum(remaining) / 3600:.2f} h on one "
-            f"core, ~{total / 3600:.2f} h with --jobs {jobs} (estimate for a quiet machine)"
+            f"{len(remaining)} of {len(plan.runs)} runs to train{evaluated}: ~{one_core:.2f} h on one core, "
+            f"~{total / 3600:.2f} h with --jobs {jobs} (estimate for a quiet machine)"
         )
+
+
+def _heldout_remaining(plan) -> list[float]:
+    """Estimated seconds of each held-out evaluation still to run (the base and every run not evaluated)."""
+    from cgrpo.reproduce.heldout import evaluated
+    from cgrpo.reproduce.plan import heldout_seconds
+
+    if plan.profile.heldout is None:
+        return []
+    todo = [run for run in [None, *plan.runs] if not evaluated(plan, run)]
+    return [heldout_seconds(plan.profile.heldout)] * len(todo)
 
 
 def _budget(kind: str, c: dict) -> str:

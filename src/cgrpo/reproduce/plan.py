@@ -212,29 +212,51 @@ def parse_tables(text: str | Sequence[int]) -> list[int]:
 
 
 @dataclass(frozen=True)
+class HeldoutSet:
+    """The reproduction's own held-out evaluation (mini world): every finished run's policy and the base, on
+    the same ``cgrpo eval mini`` images (``num_subjects`` x 5 kinds x ``prompts_per_kind`` x
+    ``images_per_prompt``), ODE-sampled with ``steps`` steps from the noise of ``seed``."""
+
+    num_subjects: int
+    prompts_per_kind: int
+    images_per_prompt: int
+    steps: int = 10
+    seed: int = 0
+
+    @property
+    def images(self) -> int:
+        return self.num_subjects * 5 * self.prompts_per_kind * self.images_per_prompt
+
+
+@dataclass(frozen=True)
 class Profile:
     """How long and how often: GRPO iterations (None = the config's), seeds, extra GRPO overrides.
 
     ``match_budget``: give SFT and RPO the GRPO run's budget (:func:`budget_overrides`); False keeps their
-    configs' own budget (UNO: the paper's SFT/RPO settings)."""
+    configs' own budget (UNO: the paper's SFT/RPO settings). ``heldout``: evaluate every finished run (and the
+    base, once) on this larger set and report those numbers; None reports the trainers' own evaluation."""
 
     name: str
     seeds: int
     iterations: int | None
     grpo: tuple[str, ...] = ()
     match_budget: bool = True
+    heldout: HeldoutSet | None = None
 
 
 PROFILES: dict[tuple[str, str], Profile] = {
     # 22 runs x 3 seeds, ~3 min each: 64 iterations of 2 x 8 samples. The same samples as 32 iterations of
     # 4 x 8 (version 1's profile) but twice the optimizer steps; on seed 0 that moved the held-out prompt
     # reward +0.035 against +0.008 (seed 1: +0.010; docs/mini-world.md). No mid-run evaluations: the report
-    # reads the ends. Measured on version 2: 66 runs in 1 h 41 min with --jobs 2.
+    # reads the ends. Measured on version 2: 66 runs in 1 h 41 min with --jobs 2. The trainers' 80-image
+    # evaluation has a 95% interval of +-0.04 per mean, so the tables come from 1,280 images (1,108
+    # distinct; the demo table's set) per policy: ~2 min each on one core, ~1.1 h more with --jobs 2.
     ("mini", "full"): Profile(
         "full",
         3,
         64,
         ("train.prompts_per_iteration=2", "eval.every=0", "checkpoint.every=16", "log.tensorboard=false"),
+        heldout=HeldoutSet(num_subjects=64, prompts_per_kind=2, images_per_prompt=2),
     ),
     # 22 runs x 1 seed, 11 min 34 s measured on version 2: 18 iterations of 2 x 8 samples, 8 held-out
     # subjects, no mid-run evals.
@@ -498,6 +520,14 @@ def build_plan(
 SAMPLE_STEP_S = 0.0060  # no-grad forward of one image for one denoising step
 TRAIN_TERM_S = 0.0190  # forward + backward of one (image, step) term
 STARTUP_S = 8.0  # interpreter, imports, policy load, data
+# `cgrpo eval mini` of one policy, per image (10 ODE steps, both rewards, PNG files): 1,280 images took
+# 105-115 s, two evaluations side by side.
+HELDOUT_IMAGE_S = 0.087
+
+
+def heldout_seconds(heldout: HeldoutSet) -> float:
+    """Wall-clock estimate of one policy's evaluation (:mod:`cgrpo.reproduce.heldout`), one thread."""
+    return STARTUP_S + heldout.images * HELDOUT_IMAGE_S
 
 
 def _heldout_images(config: dict[str, Any], kind: Kind) -> int:

@@ -50,13 +50,20 @@ def row_values(plan: Plan, row: Row) -> dict[str, Cell]:
 
 
 def per_seed(plan: Plan, run: str, use: str, metric: str) -> dict[int, float]:
-    """``{seed: value}`` of one run's ``use`` (``base``/``trained``) and metric over its finished seeds."""
+    """``{seed: value}`` of one run's ``use`` (``base``/``trained``) and metric over its finished seeds: from
+    the plan's own held-out evaluation when its profile has one, else from the run's ``summary.json``."""
+    from cgrpo.reproduce.heldout import heldout_value
+
     values = {}
     for seed in plan.seeds:
         planned = plan.run(run, seed)
         if planned is None or not planned.finished:
             continue
-        value = (json.loads((planned.output_dir / "summary.json").read_text()).get(use) or {}).get(metric)
+        if plan.profile.heldout is not None:
+            value = heldout_value(plan, planned, use, metric)
+        else:
+            summary = json.loads((planned.output_dir / "summary.json").read_text())
+            value = (summary.get(use) or {}).get(metric)
         if isinstance(value, int | float) and math.isfinite(value):
             values[seed] = float(value)
     return values
@@ -319,6 +326,10 @@ def write_report(plan: Plan, outcome: Any | None = None) -> Path:
         f"(`{id_name}` and `{prompt_name}`). Paper: DreamBench numbers as published (arXiv 2510.18263).",
     ]
     lines += ["", budget_line(plan)]
+    if plan.profile.heldout is not None:
+        from cgrpo.reproduce.heldout import describe
+
+        lines += ["", describe(plan.profile.heldout)]
     if plan.world == "mini":
         lines += [
             "",

@@ -4,7 +4,9 @@ A run is finished when its ``summary.json`` exists (every trainer writes it last
 the recipe contract (:mod:`cgrpo.train.recipe`) with ``resume=True``: an interrupted GRPO or SFT run
 continues from its newest checkpoint, an RPO run reuses its cached preference pairs (``pairs.pt``) and
 retrains. Each run's resolved config goes to
-``OUT/configs/<run_id>.yaml``, its console output to ``OUT/logs/<run_id>.log``.
+``OUT/configs/<run_id>.yaml``, its console output to ``OUT/logs/<run_id>.log``. When the profile has a
+held-out set, :func:`evaluate_heldout` then evaluates the base and every finished run on it
+(:mod:`cgrpo.reproduce.heldout`), skipping those already evaluated.
 
 ``python -m cgrpo.reproduce.runner SPEC.json`` runs one spec (``{"kind": ..., "config": {...}}``); that is
 what the parallel workers execute.
@@ -109,35 +111,79 @@ def _run_parallel(
 ) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     env["CGRPO_TORCH_THREADS"] = str(threads)
-    queue = list(pending)
-    active: dict[subprocess.Popen, tuple[PlannedRun, float, Any]] = {}
+    by_id = {run.run_id: run for run in pending}
+    tasks = []
+    for run in pending:
+        spec = out / "specs" / f"{run.run_id}.json"
+        atomic_write_json(spec, {"kind": run.kind, "config": run.config})
+        command = [sys.executable, "-m", "cgrpo.reproduce.runner", str(spec)]
+        tasks.append((run.run_id, command, out / "logs" / f"{run.run_id}.log"))
+
+    def ended(run_id: str, returncode: int, seconds: float) -> None:
+        run = by_id[run_id]
+        if returncode == 0 and run.finished:
+            outcome.finished.append(run_id)
+            notify("done", run, f"{seconds:.0f} s")
+        else:
+            reason = f"exit code {returncode}; see {out / 'logs' / f'{run_id}.log'}"
+            outcome.failed[run_id] = reason
+            notify("fail", run, reason)
+
+    _process_pool(tasks, jobs, env, lambda run_id, pid: notify("start", by_id[run_id], f"pid {pid}"), ended)
+
+
+def evaluate_heldout(
+    plan: Plan, jobs: int = 2, on_event: Callable[[str, str, str], None] | None = None
+) -> dict[str, str]:
+    """Run the plan's pending held-out evaluations (:mod:`cgrpo.reproduce.heldout`), ``jobs`` at a time in
+    one-thread subprocesses; returns ``{name: reason}`` of those that failed (the others are kept).
+
+    ``on_event(event, name, detail)`` is told ``start``, ``done`` and ``fail``."""
+    from cgrpo.reproduce.heldout import pending
+
+    notify = on_event or (lambda *_: None)
+    logs = plan.out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    tasks = [(name, command, logs / f"heldout-{name}.log") for name, command in pending(plan)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    failed: dict[str, str] = {}
+
+    def ended(name: str, returncode: int, seconds: float) -> None:
+        if returncode == 0:
+            notify("done", name, f"held-out evaluation, {seconds:.0f} s")
+        else:
+            failed[name] = f"exit code {returncode}; see {logs / f'heldout-{name}.log'}"
+            notify("fail", name, failed[name])
+
+    _process_pool(tasks, jobs, env, lambda name, pid: notify("start", name, "held-out evaluation"), ended)
+    return failed
+
+
+def _process_pool(
+    tasks: Sequence[tuple[str, list[str], Path]],
+    jobs: int,
+    env: dict[str, str],
+    on_start: Callable[[str, int], None],
+    on_end: Callable[[str, int, float], None],
+) -> None:
+    """Run ``(name, command, log file)`` tasks, ``jobs`` at a time, each appending its output to its log;
+    ``on_start(name, pid)``, ``on_end(name, returncode, seconds)``."""
+    queue = list(tasks)
+    active: dict[subprocess.Popen, tuple[str, float, Any]] = {}
     try:
         while queue or active:
-            while queue and len(active) < jobs:
-                run = queue.pop(0)
-                spec = out / "specs" / f"{run.run_id}.json"
-                atomic_write_json(spec, {"kind": run.kind, "config": run.config})
-                log = open(out / "logs" / f"{run.run_id}.log", "a")  # noqa: SIM115 - closed when it ends
-                process = subprocess.Popen(
-                    [sys.executable, "-m", "cgrpo.reproduce.runner", str(spec)],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                )
-                active[process] = (run, time.perf_counter(), log)
-                notify("start", run, f"pid {process.pid}")
+            while queue and len(active) < max(1, jobs):
+                name, command, log_path = queue.pop(0)
+                log = open(log_path, "a")  # noqa: SIM115 - closed when it ends
+                process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+                active[process] = (name, time.perf_counter(), log)
+                on_start(name, process.pid)
             time.sleep(0.5)
             for process in [p for p in active if p.poll() is not None]:
-                run, started, log = active.pop(process)
+                name, started, log = active.pop(process)
                 log.close()
-                if process.returncode == 0 and run.finished:
-                    outcome.finished.append(run.run_id)
-                    notify("done", run, f"{time.perf_counter() - started:.0f} s")
-                else:
-                    reason = f"exit code {process.returncode}; see {out / 'logs' / f'{run.run_id}.log'}"
-                    outcome.failed[run.run_id] = reason
-                    notify("fail", run, reason)
-    finally:  # interrupted (Ctrl-C): stop our own workers; their checkpoints let the next call resume
+                on_end(name, process.returncode, time.perf_counter() - started)
+    finally:  # interrupted (Ctrl-C): stop our workers; checkpoints and eval folders let the next call resume
         for process in active:
             process.terminate()
         for process, (_, _, log) in active.items():
