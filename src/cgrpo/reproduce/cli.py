@@ -78,17 +78,15 @@ def reproduce_command(
         )
         return
 
-    def on_event(event: str, planned, detail: str) -> None:
+    def show(event: str, name: str, detail: str) -> None:
         style = {"start": "cyan", "done": "green", "skip": "dim", "fail": "bold red"}[event]
-        console.print(f"[{style}]{event:5}[/] {planned.run_id} {escape(detail)}")
-
-    def on_eval_event(event: str, name: str, detail: str) -> None:
-        style = {"start": "cyan", "done": "green", "fail": "bold red"}[event]
         console.print(f"[{style}]{event:5}[/] {name} {escape(detail)}")
 
     try:
-        outcome = execute(plan, jobs=jobs, on_event=on_event)
-        failed = evaluate_heldout(plan, jobs=jobs, on_event=on_eval_event)
+        outcome = execute(
+            plan, jobs=jobs, on_event=lambda event, run, detail: show(event, run.run_id, detail)
+        )
+        failed = evaluate_heldout(plan, jobs=jobs, on_event=show)
         outcome.failed.update({f"held-out evaluation of {name}": reason for name, reason in failed.items()})
     except KeyboardInterrupt:
         report = write_report(plan)
