@@ -433,8 +433,8 @@ def test_heldout_evaluations_run_in_subprocesses_and_feed_the_report(tiny_world,
     evaluates nothing."""
     import dataclasses
 
+    from cgrpo.eval.mini import HeldoutSet
     from cgrpo.reproduce.heldout import heldout_dir
-    from cgrpo.reproduce.plan import HeldoutSet
     from cgrpo.reproduce.report import row_values
     from cgrpo.reproduce.runner import evaluate_heldout, execute
 

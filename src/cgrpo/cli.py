@@ -16,6 +16,7 @@ from rich.text import Text
 from rich.theme import Theme
 
 from cgrpo import __version__
+from cgrpo.eval.mini import PRECISE_HELDOUT, HeldoutSet
 
 app = typer.Typer(
     help="Customized-GRPO: RL post-training of subject-driven image generators (SARS + TDW).",
@@ -197,14 +198,32 @@ def demo(
             "time in a second process, one core each, and show it beside the demo in the report."
         ),
     ] = None,
+    eval_subjects: Annotated[
+        int,
+        typer.Option(
+            help="Held-out subjects the base and the trained policy are measured on after training (0: only "
+            "the run's own held-out images)."
+        ),
+    ] = PRECISE_HELDOUT.num_subjects,
+    eval_prompts_per_kind: Annotated[
+        int, typer.Option(help="Prompts per kind of that final evaluation.")
+    ] = PRECISE_HELDOUT.prompts_per_kind,
+    eval_images_per_prompt: Annotated[
+        int, typer.Option(help="Images per (subject, prompt) of that final evaluation.")
+    ] = PRECISE_HELDOUT.images_per_prompt,
 ) -> None:
     """Customized-GRPO on the mini world from the committed base, then runs/demo/report.md."""
     from cgrpo.config import ConfigError
     from cgrpo.demo import run_demo
 
     _quiet_library_progress_bars()
+    heldout = None
+    if eval_subjects > 0:
+        if eval_prompts_per_kind < 1 or eval_images_per_prompt < 1:
+            _fail("--eval-prompts-per-kind and --eval-images-per-prompt must be at least 1")
+        heldout = HeldoutSet(eval_subjects, eval_prompts_per_kind, eval_images_per_prompt)
     try:
-        report = run_demo(output_dir=output_dir, steps=steps, seed=seed, config=config, compare=compare)
+        report = run_demo(output_dir, steps, seed, config, compare, heldout)
     except (ConfigError, FileNotFoundError) as error:
         _fail(str(error))
     console.print(f"report: {report}")

@@ -32,9 +32,13 @@ def _save(fig, path: str | Path) -> Path:
 
 
 def reward_curves(
-    records: list[dict[str, Any]], eval_history: list[dict[str, Any]], path: str | Path
+    records: list[dict[str, Any]],
+    eval_history: list[dict[str, Any]],
+    path: str | Path,
+    larger: tuple[str, list[dict[str, Any]]] | None = None,
 ) -> Path:
-    """Training-rollout rewards (smoothed) and held-out ODE rewards over iterations, one panel per reward."""
+    """Training-rollout rewards (smoothed) and held-out ODE rewards over iterations, one panel per reward.
+    ``larger``: (its label, points like ``eval_history``'s) of a larger held-out evaluation, drawn beside."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     steps = [r["step"] for r in records]
     window = max(1, len(records) // 15)
@@ -56,6 +60,18 @@ def reward_curves(
                 lw=1.6,
                 capsize=3,
                 label="held-out (ODE, fixed seeds; 95% interval)",
+            )
+        if larger is not None:
+            label, points = larger
+            ax.errorbar(
+                [p["step"] for p in points],
+                [p["metrics"][key] for p in points],
+                yerr=[p["metrics"].get(f"{key}_ci95", 0.0) for p in points],
+                fmt="s--",
+                color="C2",
+                lw=1.2,
+                capsize=3,
+                label=label,
             )
         ax.set_title(title)
         ax.set_xlabel("iteration")

@@ -9,10 +9,36 @@ that ``scores.csv`` can point at them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cgrpo.eval.runner import Case, EvalTask, safe_name
-from cgrpo.imaging import save_png
+if TYPE_CHECKING:
+    from cgrpo.eval.runner import EvalTask
+
+
+@dataclass(frozen=True)
+class HeldoutSet:
+    """A held-out evaluation of mini-world policies on the ``cgrpo eval mini`` images: ``num_subjects`` x
+    every prompt kind x ``prompts_per_kind`` x ``images_per_prompt``, ODE-sampled with ``steps`` steps from
+    the noise of image seed ``seed``. The full reproduce profile and ``cgrpo demo`` share one such set."""
+
+    num_subjects: int
+    prompts_per_kind: int
+    images_per_prompt: int
+    steps: int = 10
+    seed: int = 0
+
+    @property
+    def images(self) -> int:
+        from cgrpo.data.miniworld import KINDS
+
+        return self.num_subjects * len(KINDS) * self.prompts_per_kind * self.images_per_prompt
+
+
+# The 1,280 images (64 subjects x 5 kinds x 2 prompts x 2 images; 95% intervals of about +-0.01 per mean)
+# on which the full reproduce profile and the demo measure their policies.
+PRECISE_HELDOUT = HeldoutSet(num_subjects=64, prompts_per_kind=2, images_per_prompt=2)
 
 
 def mini_task(
@@ -25,7 +51,8 @@ def mini_task(
 ) -> EvalTask:
     """The held-out mini-world task; reference PNGs are written under ``out/references`` (if ``out``)."""
     from cgrpo.data.miniworld import MiniWorld
-    from cgrpo.imaging import grid
+    from cgrpo.eval.runner import Case, EvalTask, safe_name
+    from cgrpo.imaging import grid, save_png
 
     world = MiniWorld(image_size=image_size, seed=world_seed)
     examples = list(world.eval_set(num_subjects=num_subjects, prompts_per_kind=prompts_per_kind, seed=seed))

@@ -2,7 +2,7 @@
 
 A trainer evaluates its run on a small set to follow its progress (80 images in the mini profiles: a 95%
 interval of about +-0.04 per mean), too few to tell methods apart whose effects differ by 0.01-0.02. A
-profile with a :class:`~cgrpo.reproduce.plan.HeldoutSet` evaluates the base policy once and each finished
+profile with a :class:`~cgrpo.eval.mini.HeldoutSet` evaluates the base policy once and each finished
 run's final LoRA with ``cgrpo eval mini`` on the same images (same subjects, prompts and per-image noise for
 every policy), in ``OUT/heldout/base/`` and ``OUT/heldout/<run_id>/``; these folders are resumable, and the
 report reads their ``summary.json``.
@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cgrpo.reproduce.plan import MAIN, HeldoutSet, Plan, PlannedRun
+from cgrpo.eval.mini import HeldoutSet
+from cgrpo.reproduce.plan import MAIN, Plan, PlannedRun
 
 BASE = "base"
 METRICS = ("mini_id", "mini_prompt")  # the report's ``id`` and ``prompt``

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cgrpo.config import apply_overrides, from_dict, read_yaml, to_dict
+from cgrpo.eval.mini import PRECISE_HELDOUT, HeldoutSet
 
 Kind = Literal["grpo", "sft", "rpo"]
 PAPER_METRICS = ("dino", "clip_i", "clip_t", "hps")
@@ -212,23 +213,6 @@ def parse_tables(text: str | Sequence[int]) -> list[int]:
 
 
 @dataclass(frozen=True)
-class HeldoutSet:
-    """The reproduction's own held-out evaluation (mini world): every finished run's policy and the base, on
-    the same ``cgrpo eval mini`` images (``num_subjects`` x 5 kinds x ``prompts_per_kind`` x
-    ``images_per_prompt``), ODE-sampled with ``steps`` steps from the noise of ``seed``."""
-
-    num_subjects: int
-    prompts_per_kind: int
-    images_per_prompt: int
-    steps: int = 10
-    seed: int = 0
-
-    @property
-    def images(self) -> int:
-        return self.num_subjects * 5 * self.prompts_per_kind * self.images_per_prompt
-
-
-@dataclass(frozen=True)
 class Profile:
     """How long and how often: GRPO iterations (None = the config's), seeds, extra GRPO overrides.
 
@@ -256,7 +240,7 @@ PROFILES: dict[tuple[str, str], Profile] = {
         3,
         64,
         ("train.prompts_per_iteration=2", "eval.every=0", "checkpoint.every=16", "log.tensorboard=false"),
-        heldout=HeldoutSet(num_subjects=64, prompts_per_kind=2, images_per_prompt=2),
+        heldout=PRECISE_HELDOUT,
     ),
     # 22 runs x 1 seed, 11 min 34 s measured on version 2: 18 iterations of 2 x 8 samples, 8 held-out
     # subjects, no mid-run evals.
