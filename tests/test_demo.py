@@ -53,7 +53,7 @@ def test_demo_measures_base_and_trained_on_the_final_heldout_set(tiny_policy_dir
     metrics = json.loads((out / "metrics.json").read_text())
     heldout = HeldoutSet(2, 1, 2)
     assert metrics["changes"]["all/id"]["n"] == heldout.images == 20
-    assert "20 held-out images" in metrics["measured_on"]
+    assert "20 held-out images (2 subjects" in metrics["measured_on"]
     base = _fresh_policy_rewards(config, heldout)
     trained = _fresh_policy_rewards(config, heldout, lora=out / "final")
     # The two LoRA steps move the tiny policy's rewards by ~1e-4, far above the 1e-7 the checks allow.

@@ -206,9 +206,9 @@ def write_report(
     if final is not None:
         examples, base, trained = final.examples, final.base, final.trained
         compare = _load_final(compare_dir / FINAL_FILE) if compare_dir is not None else None
-        size = final.heldout
+        size, subjects = final.heldout, len({e.subject_id for e in examples})  # the world may have fewer
         measured_on = (
-            f"{len(examples)} held-out images ({size.num_subjects} subjects x every prompt kind x "
+            f"{len(examples)} held-out images ({subjects} subjects x every prompt kind x "
             f"{size.prompts_per_kind} prompts x {size.images_per_prompt} images, image seed {size.seed}), "
             "measured after training"
         )
