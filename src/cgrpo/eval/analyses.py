@@ -629,6 +629,39 @@ def _num(value: Any) -> float:
 NAMED_METHODS = frozenset({"base", "sft", "rpo", "naive_1to1", "naive_1to1.5", "customized_grpo"})
 
 
+def _label_named(ax: Any, named: list[tuple[str, dict[str, Any], str]], points: list[dict[str, Any]]) -> None:
+    """Names of the paper's methods, each moved off the crowd of points (out from their centroid, in axis
+    units; up and right from inside it) and tied to its point by a thin line."""
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    finite = [p for p in points if math.isfinite(_num(p["x"])) and math.isfinite(_num(p["y"]))]
+    if not finite:
+        return
+    cx = sum((_num(p["x"]) - x0) / (x1 - x0) for p in finite) / len(finite)
+    cy = sum((_num(p["y"]) - y0) / (y1 - y0) for p in finite) / len(finite)
+    crowded = 0
+    for text, p, color in named:
+        dx, dy = (_num(p["x"]) - x0) / (x1 - x0) - cx, (_num(p["y"]) - y0) / (y1 - y0) - cy
+        norm = math.hypot(dx, dy)
+        if norm > 0.25:  # outside the crowd: straight out from it
+            offset = (34 * dx / norm, 26 * dy / norm)
+        else:  # inside it: up and right, where no trade-off point can be (above the front), one row each
+            offset = (60.0, 30.0 + 13.0 * crowded)
+            crowded += 1
+        dx, dy = offset
+        ax.annotate(
+            text,
+            (p["x"], p["y"]),
+            textcoords="offset points",
+            xytext=offset,
+            ha="left" if dx >= 0 else "right",
+            va="bottom" if dy >= 0 else "top",
+            fontsize=7.5,
+            fontweight="bold",
+            color=color,
+            arrowprops={"arrowstyle": "-", "color": color, "lw": 0.6, "alpha": 0.7},
+        )
+
+
 def _plot_tradeoff(result: dict[str, Any], path: Path) -> Path:
     """Every final point numbered, with the numbers' labels listed beside the axes: runs of one world sit
     close together, and text labels on the points would overlap. Axis limits include the error bars."""
@@ -638,6 +671,7 @@ def _plot_tradeoff(result: dict[str, Any], path: Path) -> Path:
     for p in points:
         by_source[p["source"]].append(p)
     entries: list[str] = []
+    named: list[tuple[str, dict[str, Any], str]] = []  # labelled after the limits are known
     extent_x: list[float] = []
     extent_y: list[float] = []
     for color, (_, group) in enumerate(by_source.items()):
@@ -676,16 +710,17 @@ def _plot_tradeoff(result: dict[str, Any], path: Path) -> Path:
                 lw=0.8,
             )
             entries.append(p["label"])
-            named = p["label"] in NAMED_METHODS
-            ax.annotate(
-                f"{len(entries)} {p['label']}" if named else str(len(entries)),
-                (p["x"], p["y"]),
-                textcoords="offset points",
-                xytext=(4, 3),
-                fontsize=7.5 if named else 7,
-                fontweight="bold" if named else "normal",
-                color=f"C{color % 10}",
-            )
+            if p["label"] in NAMED_METHODS:
+                named.append((f"{len(entries)} {p['label']}", p, f"C{color % 10}"))
+            else:
+                ax.annotate(
+                    str(len(entries)),
+                    (p["x"], p["y"]),
+                    textcoords="offset points",
+                    xytext=(4, 3),
+                    fontsize=7,
+                    color=f"C{color % 10}",
+                )
     front = sorted((p for p in points if p["on_front"]), key=lambda p: p["x"])
     if len(front) > 1:
         ax.step(
@@ -704,6 +739,7 @@ def _plot_tradeoff(result: dict[str, Any], path: Path) -> Path:
             low, high = min(finite), max(finite)
             pad = max(high - low, 1e-3) * 0.08
             setter(low - pad, high + pad)
+    _label_named(ax, named, [p for p in points if p["final"]])
     key.axis("off")
     key.text(
         0.0,
