@@ -181,14 +181,24 @@ def evaluate_final(trainer: GRPOTrainer, heldout: HeldoutSet) -> FinalEvaluation
     return FinalEvaluation(heldout, repeated, base, trained)
 
 
-def _kind_rows(kinds: list[str], per_kind: int) -> list[int]:
-    """Indices of up to ``per_kind`` examples of each prompt kind, kinds in first-seen order."""
-    chosen: dict[str, list[int]] = {}
-    for index, kind in enumerate(kinds):
-        rows = chosen.setdefault(kind, [])
-        if len(rows) < per_kind:
-            rows.append(index)
-    return [i for rows in chosen.values() for i in rows]
+def _varied(indices: list[int], examples: list[Example], limit: int) -> list[int]:
+    """Up to ``limit`` of ``indices``: one per subject first, then the others in order (a grid of many
+    subjects rather than one subject's prompts and images)."""
+    seen: set[str] = set()
+    first, rest = [], []
+    for i in indices:
+        (rest if examples[i].subject_id in seen else first).append(i)
+        seen.add(examples[i].subject_id)
+    return (first + rest)[:limit]
+
+
+def _kind_rows(examples: list[Example], per_kind: int) -> list[int]:
+    """Indices of up to ``per_kind`` examples of each prompt kind (different subjects where there are),
+    kinds in first-seen order."""
+    by_kind: dict[str, list[int]] = {}
+    for index, example in enumerate(examples):
+        by_kind.setdefault(example.kind, []).append(index)
+    return [i for indices in by_kind.values() for i in _varied(indices, examples, per_kind)]
 
 
 def write_report(
@@ -222,12 +232,12 @@ def write_report(
         larger = (f"held-out, {len(examples)} images (95% interval)", points)
     reward_curves(records, trainer.history["eval"], out / "reward_curves.png", larger)
     conflict_curve(records, out / "conflict_rate.png")
-    rows = _kind_rows([e.kind for e in examples], per_kind=3)
+    rows = _kind_rows(examples, per_kind=3)
     columns = [base.images, trained.images] + ([compare.images] if compare is not None else [])
     references = torch.stack([examples[i].reference for i in rows])
     save_png(grid([references, *(c[rows] for c in columns)]), out / "grid_reference_base_trained.png")
     # The prompts that ask to change the subject's look: where identity and prompt following fight.
-    edits = [i for i, e in enumerate(examples) if _asks_property(e.prompt)][:16]
+    edits = _varied([i for i, e in enumerate(examples) if _asks_property(e.prompt)], examples, 16)
     if edits:
         edit_refs = torch.stack([examples[i].reference for i in edits])
         save_png(grid([edit_refs, *(c[edits] for c in columns)]), out / "grid_property_edits.png")
