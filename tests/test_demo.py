@@ -65,8 +65,9 @@ def test_demo_measures_base_and_trained_on_the_final_heldout_set(tiny_policy_dir
     # The run's own (smaller) held-out evaluation is kept beside it.
     assert metrics["run_heldout"]["base"]["id"] != metrics["base"]["id"]
     assert f"{metrics['base']['id']:.4f}" in (out / "report.md").read_text()
-    bad = CliRunner().invoke(app, [*args, "--eval-images-per-prompt", "0"])
-    assert bad.exit_code == 2 and "--eval-images-per-prompt" in bad.output
+    for option, value in (("--eval-images-per-prompt", "0"), ("--eval-subjects", "-1")):
+        bad = CliRunner().invoke(app, [*args, option, value])
+        assert bad.exit_code == 2 and option in bad.output
 
 
 def test_demo_report(tiny_policy_dir, tmp_path):

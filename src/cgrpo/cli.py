@@ -217,10 +217,10 @@ def demo(
     from cgrpo.demo import run_demo
 
     _quiet_library_progress_bars()
+    if eval_subjects < 0 or eval_prompts_per_kind < 1 or eval_images_per_prompt < 1:
+        _fail("--eval-subjects must be at least 0, --eval-prompts-per-kind and --eval-images-per-prompt 1")
     heldout = None
     if eval_subjects > 0:
-        if eval_prompts_per_kind < 1 or eval_images_per_prompt < 1:
-            _fail("--eval-prompts-per-kind and --eval-images-per-prompt must be at least 1")
         heldout = HeldoutSet(eval_subjects, eval_prompts_per_kind, eval_images_per_prompt)
     try:
         report = run_demo(output_dir, steps, seed, config, compare, heldout)
