@@ -230,7 +230,8 @@ def write_report(
     if final is not None:
         points = [{"step": 0, "metrics": base_summary}, {"step": trainer.step, "metrics": trained_summary}]
         larger = (f"held-out, {len(examples)} images (95% interval)", points)
-    reward_curves(records, trainer.history["eval"], out / "reward_curves.png", larger)
+    run_images = len(trainer.heldout) * trainer.config.eval.images_per_prompt
+    reward_curves(records, trainer.history["eval"], out / "reward_curves.png", larger, run_images)
     conflict_curve(records, out / "conflict_rate.png")
     rows = _kind_rows(examples, per_kind=3)
     columns = [base.images, trained.images] + ([compare.images] if compare is not None else [])

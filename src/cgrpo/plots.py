@@ -36,9 +36,14 @@ def reward_curves(
     eval_history: list[dict[str, Any]],
     path: str | Path,
     larger: tuple[str, list[dict[str, Any]]] | None = None,
+    heldout_images: int | None = None,
 ) -> Path:
     """Training-rollout rewards (smoothed) and held-out ODE rewards over iterations, one panel per reward.
-    ``larger``: (its label, points like ``eval_history``'s) of a larger held-out evaluation, drawn beside."""
+    ``larger``: (its label, points like ``eval_history``'s) of a larger held-out evaluation, drawn beside;
+    ``heldout_images``: how many images each point of ``eval_history`` has (named in the legend)."""
+    heldout_label = "held-out (ODE, fixed seeds; 95% interval)"
+    if heldout_images:
+        heldout_label = f"held-out, {heldout_images} images (ODE, fixed seeds; 95% interval)"
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     steps = [r["step"] for r in records]
     window = max(1, len(records) // 15)
@@ -59,7 +64,7 @@ def reward_curves(
                 color="C3",
                 lw=1.6,
                 capsize=3,
-                label="held-out (ODE, fixed seeds; 95% interval)",
+                label=heldout_label,
             )
         if larger is not None:
             label, points = larger
@@ -76,7 +81,11 @@ def reward_curves(
         ax.set_title(title)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    # One legend below both panels: inside them it covered the first held-out points.
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, bbox_to_anchor=(0.5, -0.02))
+        fig.subplots_adjust(bottom=0.3)
     return _save(fig, path)
 
 
