@@ -32,6 +32,7 @@ from cgrpo.eval.mini import PRECISE_HELDOUT, HeldoutSet
 from cgrpo.imaging import grid, save_png
 from cgrpo.io import atomic_write_json, atomic_write_text
 from cgrpo.plots import conflict_curve, reward_curves
+from cgrpo.train.components import mini_world
 from cgrpo.train.config import GRPOConfig
 from cgrpo.train.grpo import GRPOTrainer
 from cgrpo.train.heldout import HeldoutResult, ci95, evaluate_heldout
@@ -115,15 +116,8 @@ def _train_alone(config: str, overrides: list[str], heldout: HeldoutSet | None) 
     if heldout:
         examples = heldout_examples(trainer.config, heldout)
         trained = evaluate_policy(trainer, examples, heldout)
-        torch.save({"images": trained.images, **trained.scores}, trainer.output_dir / FINAL_FILE)
-
-
-@dataclass
-class Scored:
-    """One policy's held-out images ``[N, 3, H, W]`` and their rewards ``{"id", "prompt"}`` (``[N]`` each)."""
-
-    images: torch.Tensor
-    scores: dict[str, torch.Tensor]
+        saved = {"images": trained.images, "id": trained.identity, "prompt": trained.prompt}
+        torch.save(saved, trainer.output_dir / FINAL_FILE)
 
 
 @dataclass
@@ -132,32 +126,28 @@ class FinalEvaluation:
 
     heldout: HeldoutSet
     examples: list[Example]
-    base: Scored
-    trained: Scored
+    base: HeldoutResult
+    trained: HeldoutResult
 
 
 def heldout_examples(config: GRPOConfig, heldout: HeldoutSet) -> list[Example]:
     """The run's mini world's held-out examples of ``heldout``'s size (its ``eval_set``; the run's own
     held-out options give the world and the seed that chooses the set)."""
-    from cgrpo.data.miniworld import MiniWorld
-
-    options = dict(config.data.options)
-    eval_seed = (options.pop("eval", None) or {}).get("seed", 1234)
-    options.pop("train", None)
-    world = MiniWorld(**options)
+    world, _, eval_options = mini_world(config.data.options)
+    eval_seed = eval_options.get("seed", 1234)
     return list(world.eval_set(heldout.num_subjects, heldout.prompts_per_kind, seed=eval_seed))
 
 
 def evaluate_policy(
     trainer: GRPOTrainer, examples: list[Example], heldout: HeldoutSet, base: bool = False
-) -> Scored:
+) -> HeldoutResult:
     """ODE samples of the trainer's policy (its frozen base with ``base``) on ``examples``, seeded per image
     as ``cgrpo eval`` seeds them, scored with the run's rewards."""
     from cgrpo.train.sampling import schedule
 
     sigmas = schedule(trainer.policy, heldout.steps, trainer.config.sampling.shift)
     with trainer.policy.disable_lora() if base else nullcontext():
-        result = evaluate_heldout(
+        return evaluate_heldout(
             trainer.policy,
             examples,
             trainer.identity_reward,
@@ -167,7 +157,6 @@ def evaluate_policy(
             images_per_prompt=heldout.images_per_prompt,
             micro_batch=trainer.config.sampling.micro_batch or FINAL_MICRO_BATCH,
         )
-    return Scored(result.images, {"id": result.identity, "prompt": result.prompt})
 
 
 def evaluate_final(trainer: GRPOTrainer, heldout: HeldoutSet) -> FinalEvaluation:
@@ -215,7 +204,7 @@ def write_report(
     compare_name = compare_dir.name if compare_dir is not None else None
     if final is not None:
         examples, base, trained = final.examples, final.base, final.trained
-        compare = _load_final(compare_dir / FINAL_FILE) if compare_dir is not None else None
+        compare = _load_final(compare_dir / FINAL_FILE, examples) if compare_dir is not None else None
         size, subjects = final.heldout, len({e.subject_id for e in examples})  # the world may have fewer
         measured_on = (
             f"{len(examples)} held-out images ({subjects} subjects x every prompt kind x "
@@ -225,7 +214,7 @@ def write_report(
     else:
         examples, base, trained, compare = _run_images(trainer, compare_dir)
         measured_on = f"the run's own {len(examples)} held-out images"
-    base_summary, trained_summary = _summary(examples, base), _summary(examples, trained)
+    base_summary, trained_summary = base.summary(), trained.summary()
     larger = None
     if final is not None:
         points = [{"step": 0, "metrics": base_summary}, {"step": trainer.step, "metrics": trained_summary}]
@@ -242,9 +231,9 @@ def write_report(
     if edits:
         edit_refs = torch.stack([examples[i].reference for i in edits])
         save_png(grid([edit_refs, *(c[edits] for c in columns)]), out / "grid_property_edits.png")
-    changes = paired_changes(examples, base.scores, trained.scores)
+    changes = paired_changes(examples, base, trained)
     # The comparison run is paired with the same base images: same base, seeds and examples.
-    compare_changes = paired_changes(examples, base.scores, compare.scores) if compare is not None else None
+    compare_changes = paired_changes(examples, base, compare) if compare is not None else None
 
     conflict = [r["conflict_rate"] for r in records if r.get("conflict_rate") is not None]
     metrics = {
@@ -269,7 +258,7 @@ def write_report(
 
 def _run_images(
     trainer: GRPOTrainer, compare_dir: Path | None
-) -> tuple[list[Example], Scored, Scored, Scored | None]:
+) -> tuple[list[Example], HeldoutResult, HeldoutResult, HeldoutResult | None]:
     """The run's first and last held-out images (and the comparison run's last), re-scored."""
     samples = trainer.output_dir / "samples"
     history = trainer.history["eval"]
@@ -283,26 +272,20 @@ def _run_images(
     return examples, base, trained, compare
 
 
-def _score(trainer: GRPOTrainer, examples: list[Example], images: torch.Tensor) -> Scored:
+def _score(trainer: GRPOTrainer, examples: list[Example], images: torch.Tensor) -> HeldoutResult:
     references = torch.stack([e.reference for e in examples])
     prompts = [e.prompt for e in examples]
     subjects = [e.subject_class for e in examples]
-    scores = {
-        name: torch.as_tensor(reward(images, references, prompts, subjects)).double()
-        for name, reward in (("id", trainer.identity_reward), ("prompt", trainer.prompt_reward))
-    }
-    return Scored(images, scores)
+    identity, prompt = (
+        torch.as_tensor(reward(images, references, prompts, subjects)).double()
+        for reward in (trainer.identity_reward, trainer.prompt_reward)
+    )
+    return HeldoutResult(images, identity, prompt, [e.kind for e in examples])
 
 
-def _load_final(path: Path) -> Scored:
+def _load_final(path: Path, examples: list[Example]) -> HeldoutResult:
     saved = torch.load(path)
-    return Scored(saved["images"], {"id": saved["id"], "prompt": saved["prompt"]})
-
-
-def _summary(examples: list[Example], scored: Scored) -> dict[str, float]:
-    """Mean rewards with their 95% intervals, overall and per prompt kind (a run's summary's keys)."""
-    kinds = [e.kind for e in examples]
-    return HeldoutResult(scored.images, scored.scores["id"], scored.scores["prompt"], kinds).summary()
+    return HeldoutResult(saved["images"], saved["id"], saved["prompt"], [e.kind for e in examples])
 
 
 def _asks_property(prompt: str) -> bool:
@@ -315,11 +298,11 @@ def _asks_property(prompt: str) -> bool:
 
 
 def paired_changes(
-    examples: list[Example], before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]
+    examples: list[Example], before: HeldoutResult, after: HeldoutResult
 ) -> dict[str, dict[str, float]]:
     """Trained minus base per held-out image (same subject, prompt and noise), with the 95% normal
     interval of the mean change: overall, per prompt kind and on property-change prompts. ``before`` and
-    ``after``: each reward's scores per image, in the order of ``examples``.
+    ``after``: the two policies' held-out results, image by image in the order of ``examples``.
 
     ``{"<group>/<reward>": {"base", "trained", "change", "ci95", "n"}}``; pairing removes the spread between
     prompts, so the interval of a change is much narrower than that of either mean."""
@@ -328,10 +311,11 @@ def paired_changes(
         groups.setdefault(example.kind or "other", []).append(index)
         if _asks_property(example.prompt):
             groups.setdefault("property-change", []).append(index)
+    rewards = {"id": (before.identity, after.identity), "prompt": (before.prompt, after.prompt)}
     out = {}
     for group, indices in groups.items():
-        for name in before:
-            first, last = before[name].double()[indices], after[name].double()[indices]
+        for name, (base, trained) in rewards.items():
+            first, last = base.double()[indices], trained.double()[indices]
             diff = last - first
             diff = diff[torch.isfinite(diff)]
             n = len(diff)

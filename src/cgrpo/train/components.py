@@ -46,11 +46,7 @@ def build_datasets(config: DataConfig, seed: int) -> tuple[SubjectDataset, list[
     """(training dataset, held-out evaluation examples)."""
     options = dict(config.options)
     if config.name == "mini":
-        from cgrpo.data.miniworld import MiniWorld
-
-        eval_options = options.pop("eval", {})
-        train_options = options.pop("train", {})
-        world = MiniWorld(**options)
+        world, train_options, eval_options = mini_world(options)
         train = world.dataset("train", seed=seed, **train_options)
         heldout = list(world.eval_set(**eval_options))
         return train, heldout
@@ -60,6 +56,17 @@ def build_datasets(config: DataConfig, seed: int) -> tuple[SubjectDataset, list[
     train = DATASETS.build(config.name, **options)
     heldout = list(DATASETS.build(config.name, **{**options, "path": eval_path})) if eval_path else []
     return train, heldout
+
+
+def mini_world(options: dict[str, Any]) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """A config's mini world (``data.options`` of ``name: mini``): the world, and the options of its
+    training set (``train``) and of its held-out set (``eval``)."""
+    from cgrpo.data.miniworld import MiniWorld
+
+    options = dict(options)
+    eval_options = options.pop("eval", {})
+    train_options = options.pop("train", {})
+    return MiniWorld(**options), train_options, eval_options
 
 
 def use_policy_references(dataset: Any, policy: Any) -> list[Hashable] | None:
