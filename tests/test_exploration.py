@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from cgrpo.data.miniworld import MiniWorld
-from cgrpo.eval.exploration import asked_property_score, explore, images_for_interval
+from cgrpo.eval.exploration import asked_property_score, edit_advantages, explore, images_for_interval
 from cgrpo.rewards.mini import MiniIdentityReward, MiniPromptReward, reward_breakdown
 from cgrpo.sde import flux_sigmas
 
@@ -35,6 +35,20 @@ def test_images_for_interval_is_the_normal_sample_size():
     assert images_for_interval(0.05, half_width=0.05) == 4
 
 
+def test_edit_advantages_compares_hits_and_misses_of_mixed_groups_only():
+    hits = torch.tensor([[True, False, False], [False, False, False], [True, True, True]])
+    advantage = torch.tensor([[1.0, -0.2, -0.4], [9.0, 9.0, 9.0], [9.0, 9.0, 9.0]])
+    r_id = torch.tensor([[0.6, 0.8, 1.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    r_prompt = torch.tensor([[0.9, 0.3, 0.5], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    out = edit_advantages(hits, advantage, r_id, r_prompt)
+    assert out["mixed_groups"] == 1  # groups of all misses or all hits compare nothing
+    assert out["hit_advantage"] == pytest.approx(1.0) and out["miss_advantage"] == pytest.approx(-0.3)
+    assert out["hit_id"] == pytest.approx(0.6) and out["miss_id"] == pytest.approx(0.9)
+    assert out["hit_prompt"] == pytest.approx(0.9) and out["miss_prompt"] == pytest.approx(0.4)
+    none = edit_advantages(hits[1:2], advantage[1:2], r_id[1:2], r_prompt[1:2])
+    assert none["mixed_groups"] == 0 and math.isnan(none["hit_advantage"])
+
+
 def test_explore_counts_hits_and_flat_groups_consistently(tiny_policy_dir):
     from cgrpo.policy.mini import mini
 
@@ -53,14 +67,19 @@ def test_explore_counts_hits_and_flat_groups_consistently(tiny_policy_dir):
         group_size=3,
         breakdown=reward_breakdown,
         hit_threshold=-1.0,  # every asked property counts as drawn
+        advantage=lambda r_id, r_prompt: torch.zeros(len(r_id), 2),
     )
     assert result["all"]["groups"] == len(examples)
     assert set(result["kinds"]) == {e.kind for e in examples}
     prop = result["kinds"]["property"]
     assert prop["property_hit_rate"] == 1.0 and prop["property_groups_without_hit"] == 0.0
+    assert prop["asked_hit_rate"] == 1.0 and result["kinds"]["context"]["asked_hit_rate"] == 1.0
+    # no group holds both a drawn and a missed rollout: nothing to compare, and no NaN in the JSON
+    assert prop["property_mixed_groups"] == 0 and "property_hit_advantage" not in prop
     assert "property_hit_rate" not in result["kinds"]["plain"]
     for block in result["kinds"].values():
         assert 0.0 <= block["flat_groups_id"] <= 1.0 and block["group_std_id"] >= 0.0
+        assert 0.0 <= block["conflict_rate"] <= 1.0
     again = explore(
         policy, examples, MiniIdentityReward(), MiniPromptReward(), sigmas, sde, group_size=3, seed=0
     )
@@ -93,3 +112,64 @@ def test_analyze_exploration_command_writes_json(tmp_path, tiny_policy_dir):
     data = json.loads(out.read_text())
     assert data["all"]["groups"] == 10 and data["settings"]["group_size"] == 2
     assert "property_hit_rate" in data["kinds"]["property"]
+    assert "property_hit_advantage" not in data["kinds"]["plain"]  # plain prompts ask for nothing
+    assert "asked_hit_advantage" not in data["kinds"]["plain"]
+    assert (
+        "property_hit_rate" not in data["kinds"]["placement"]
+        and "asked_hit_rate" in data["kinds"]["placement"]
+    )
+
+
+def test_explore_reports_the_advantage_of_rollouts_that_draw_the_asked_property(tiny_policy_dir):
+    from cgrpo.policy.mini import mini
+
+    policy = mini(tiny_policy_dir)
+    world = MiniWorld(image_size=16, num_train_subjects=4, num_test_subjects=6)
+    examples = [e for e in world.eval_set(num_subjects=4) if e.kind == "property"]
+    sigmas = flux_sigmas(4, image_seq_len=policy.latent_shape[0])
+    sde = torch.tensor([True, True, False, False])
+    seen = {}
+
+    def two_steps(r_id, r_prompt):  # a stand-in advantage on 2 trainable steps whose mean is 2 * prompt
+        seen["n"] = len(r_id)
+        return torch.stack([r_prompt, 3 * r_prompt], dim=1)
+
+    result = explore(
+        policy,
+        examples,
+        MiniIdentityReward(),
+        MiniPromptReward(),
+        sigmas,
+        sde,
+        group_size=4,
+        breakdown=reward_breakdown,
+        hit_threshold=0.0,
+        advantage=two_steps,
+    )
+    block = result["kinds"]["property"]
+    assert seen["n"] == 4 * len(examples)
+    for prefix in ("property", "asked"):  # property prompts ask for nothing but a property
+        assert block[f"{prefix}_mixed_groups"] >= 1, "the tiny policy draws some asked properties, not all"
+        # the step mean of each rollout's advantage, read on the same rollouts as its rewards
+        assert block[f"{prefix}_hit_advantage"] == pytest.approx(2 * block[f"{prefix}_hit_prompt"])
+        assert block[f"{prefix}_miss_advantage"] == pytest.approx(2 * block[f"{prefix}_miss_prompt"])
+
+
+def test_explore_conflict_rate_is_the_share_of_opposite_advantages(tiny_policy_dir):
+    from cgrpo.policy.mini import mini
+
+    policy = mini(tiny_policy_dir)
+    world = MiniWorld(image_size=16, num_train_subjects=4, num_test_subjects=6)
+    examples = list(world.eval_set(num_subjects=2))
+    sigmas = flux_sigmas(4, image_seq_len=policy.latent_shape[0])
+    sde = torch.tensor([True, True, False, False])
+    prompt = MiniPromptReward()
+
+    def against(*args):  # an "identity" reward that is the prompt reward reversed: every sample conflicts
+        return -torch.as_tensor(prompt(*args))
+
+    same = explore(policy, examples, prompt, prompt, sigmas, sde, group_size=3)
+    opposite = explore(policy, examples, against, prompt, sigmas, sde, group_size=3)
+    assert same["all"]["conflict_rate"] == 0.0
+    flat = opposite["all"]["flat_groups_prompt"]
+    assert opposite["all"]["conflict_rate"] >= 1.0 - flat - 1e-6 and opposite["all"]["conflict_rate"] > 0.5

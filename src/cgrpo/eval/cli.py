@@ -407,18 +407,20 @@ def analyze_exploration(
     hit_threshold: Annotated[float, typer.Option(help="Attribute score that counts as drawn.")] = 0.6,
 ) -> None:
     """What a policy's rollouts explore: per prompt kind, rollout vs ODE rewards, within-group spread,
-    flat groups, and how often property prompts' rollouts draw the asked property."""
+    flat groups, the conflict rate, how often property prompts' rollouts draw the asked property, and
+    whether the config's advantage (SARS, TDW) favours the rollouts that draw it."""
     import json
 
     import torch
 
+    from cgrpo.advantage import group_normalize, sars
     from cgrpo.config import load_config
     from cgrpo.eval.exploration import explore
     from cgrpo.eval.runner import resolve_lora
     from cgrpo.io import atomic_write_json
     from cgrpo.rewards.mini import reward_breakdown
     from cgrpo.sde import steps_to_mask
-    from cgrpo.train.components import build_datasets, build_policy, build_rewards
+    from cgrpo.train.components import build_datasets, build_policy, build_rewards, step_weights
     from cgrpo.train.config import GRPOConfig
     from cgrpo.train.sampling import schedule
 
@@ -438,6 +440,16 @@ def analyze_exploration(
     sde_steps = steps_to_mask(
         torch.arange(s.num_steps - 1 if s.sde_steps is None else s.sde_steps), s.num_steps
     )
+    G = cfg.train.group_size
+    a = cfg.advantage
+    w_id, w_prompt = step_weights(cfg, torch.nonzero(sde_steps).flatten())  # the trainable steps
+
+    def advantage(r_id: torch.Tensor, r_prompt: torch.Tensor) -> torch.Tensor:
+        """The config's shaped advantage (Eq. 8, 11, 12) of each rollout on each trainable step."""
+        a_id = group_normalize(r_id, G, eps=a.eps, std=a.std)
+        a_prompt = group_normalize(r_prompt, G, eps=a.eps, std=a.std)
+        return sars(a_id, a_prompt, w_id[None], w_prompt[None], alpha=a.alpha, synergy=a.synergy)
+
     result = explore(
         policy,
         heldout,
@@ -445,15 +457,22 @@ def analyze_exploration(
         prompt,
         sigmas,
         sde_steps,
-        group_size=cfg.train.group_size,
+        group_size=G,
         noise_level=s.noise_level,
         formulation=s.formulation,
         seed=seed,
         hit_threshold=hit_threshold,
         breakdown=reward_breakdown if cfg.rewards.prompt.name == "mini_prompt" else None,
+        advantage=advantage,
     )
     table = Table(
-        "kind", "groups", "rollout id/prompt", "ODE id/prompt", "group std id/prompt", "property hits"
+        "kind",
+        "groups",
+        "rollout id/prompt",
+        "ODE id/prompt",
+        "group std id/prompt",
+        "conflict",
+        "property hits",
     )
     for name, block in [*result["kinds"].items(), ("[bold]all[/]", result["all"])]:
         hits = (
@@ -467,9 +486,20 @@ def analyze_exploration(
             f"{block['rollout_id']:.3f} / {block['rollout_prompt']:.3f}",
             f"{block['ode_id']:.3f} / {block['ode_prompt']:.3f}",
             f"{block['group_std_id']:.3f} / {block['group_std_prompt']:.3f}",
+            f"{block['conflict_rate']:.0%}",
             hits,
         )
     console.print(table)
+    for name, block in result["kinds"].items():
+        for prefix, what in (("property", "the asked property"), ("asked", "all that is asked")):
+            if block.get(f"{prefix}_mixed_groups"):
+                b = {key.removeprefix(f"{prefix}_"): value for key, value in block.items()}
+                console.print(
+                    f"{name} prompts, {b['mixed_groups']} groups with and without {what}: advantage "
+                    f"{b['hit_advantage']:+.3f} with it, {b['miss_advantage']:+.3f} without "
+                    f"(id {b['hit_id']:.3f} / {b['miss_id']:.3f}, "
+                    f"prompt {b['hit_prompt']:.3f} / {b['miss_prompt']:.3f})"
+                )
     needed = result["images_needed_for_0.01"]
     console.print(f"held-out images for a ±0.01 interval: identity {needed['id']}, prompt {needed['prompt']}")
     if out is not None:

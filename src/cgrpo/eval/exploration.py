@@ -8,9 +8,17 @@ reports, per prompt kind:
   evaluation drift apart);
 - the within-group standard deviation of each reward, and the share of groups whose spread is below
   ``flat_std`` (their normalised advantages are mostly noise);
+- the conflict rate (the paper's Fig. 7): the share of rollouts whose two group-normalised advantages have
+  opposite signs; where following the prompt costs identity by construction it is high;
 - on the mini world's property prompts ("a red …", "a striped …", "… upside down"): the share of rollouts
   that draw the asked property (its attribute score above ``hit_threshold``) and the share of groups that
-  contain no such rollout at all: what the base never samples, GRPO cannot reinforce;
+  contain no such rollout at all: what the base never samples, GRPO cannot reinforce (``property_*``);
+  the same for everything a prompt asks — background, corner, size and the properties (``asked_*``);
+- given the method's advantage (``advantage``: rewards -> shaped advantage per trained step), whether it
+  favours the rollouts that draw what is asked: in groups that hold both, the mean advantage (over the
+  trainable steps) of the rollouts that draw it and of those that do not, beside their rewards
+  (``property_hit_advantage``, ``asked_hit_advantage``, ...). A hit advantage below the miss advantage
+  means the method pushes away from following the prompt even when the group samples it;
 - how many held-out images a decision needs (a power analysis from the per-image spread).
 """
 
@@ -18,28 +26,57 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from cgrpo.advantage import group_stats
+from cgrpo.advantage import conflict_rate, group_normalize, group_stats
 from cgrpo.data.base import Example
 from cgrpo.policy.base import Policy
 from cgrpo.rewards.base import Reward
 from cgrpo.train.sampling import rollout, sample_images
 
 PROPERTY_ATTRIBUTES = ("color", "pattern", "upside_down")
+ASKED_ATTRIBUTES = ("background", "position", "size", *PROPERTY_ATTRIBUTES)
 
 
-def asked_property_score(breakdown: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``[N]``: the lowest score among the property attributes a prompt asks for; NaN when it asks none.
+def asked_property_score(
+    breakdown: dict[str, torch.Tensor], attributes: Sequence[str] = PROPERTY_ATTRIBUTES
+) -> torch.Tensor:
+    """``[N]``: the lowest score among the ``attributes`` a prompt asks for; NaN when it asks none of them.
 
     ``breakdown``: :func:`cgrpo.rewards.mini.reward_breakdown` (NaN marks attributes not asked)."""
-    stacked = torch.stack([breakdown[k] for k in PROPERTY_ATTRIBUTES], dim=1)  # [N, 3]
+    stacked = torch.stack([breakdown[k] for k in attributes], dim=1)  # [N, len(attributes)]
     asked = ~stacked.isnan()
     lowest = stacked.nan_to_num(float("inf")).min(dim=1).values
     return torch.where(asked.any(dim=1), lowest, torch.full_like(lowest, float("nan")))
+
+
+def edit_advantages(
+    hits: torch.Tensor, advantage: torch.Tensor, r_id: torch.Tensor, r_prompt: torch.Tensor
+) -> dict[str, float]:
+    """Does the method favour the rollouts that draw what is asked? ``[groups, G]`` each: ``hits``
+    (bool), the shaped ``advantage`` (mean over trained steps) and both rewards.
+
+    Only groups with at least one hit and one miss carry a signal between the two; over those
+    (``mixed_groups``) the mean advantage and rewards of the hits and of the misses (NaN without such groups).
+    """
+    mixed = hits.any(dim=1) & (~hits).any(dim=1)
+    h, m = hits[mixed], ~hits[mixed]
+
+    def mean(values: torch.Tensor, which: torch.Tensor) -> float:
+        return float(values[mixed][which].mean()) if bool(which.any()) else float("nan")
+
+    return {
+        "mixed_groups": int(mixed.sum()),
+        "hit_advantage": mean(advantage, h),
+        "miss_advantage": mean(advantage, m),
+        "hit_id": mean(r_id, h),
+        "miss_id": mean(r_id, m),
+        "hit_prompt": mean(r_prompt, h),
+        "miss_prompt": mean(r_prompt, m),
+    }
 
 
 def images_for_interval(std: float, half_width: float = 0.01, z: float = 1.96) -> int:
@@ -62,12 +99,15 @@ def explore(
     hit_threshold: float = 0.6,
     flat_std: float = 0.01,
     breakdown=None,
+    advantage: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Statistics of ``group_size`` rollouts per example (see the module docstring), overall and per kind.
 
     ``sde_steps``: ``[T]`` bool, as in training. ``breakdown``: ``(images, references, prompts) -> dict``
     of per-attribute scores (the mini world's :func:`~cgrpo.rewards.mini.reward_breakdown`); without it
-    the property statistics are left out."""
+    the property statistics are left out. ``advantage``: ``(r_id [N], r_prompt [N]) -> [N, K]``, the
+    method's shaped advantage on each of the K trainable steps (groups of ``group_size`` consecutive
+    rows); with it and ``breakdown``, blocks add :func:`edit_advantages` under each prefix."""
     G = group_size
     policy.eval()
     prompts = [e.prompt for e in examples for _ in range(G)]
@@ -94,11 +134,17 @@ def explore(
     e_subjects = [e.subject_class for e in examples]
     ode_id = torch.as_tensor(identity_reward(ode_images, references, e_prompts, e_subjects)).float()
     ode_prompt = torch.as_tensor(prompt_reward(ode_images, references, e_prompts, e_subjects)).float()
-    hits = asked = None
+    # per attribute set: (did the rollout draw every asked attribute, does its prompt ask any)
+    drawn: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if breakdown is not None:
-        property_score = asked_property_score(breakdown(images, group_refs, prompts))
-        hits, asked = property_score > hit_threshold, property_score.isfinite()
+        scores = breakdown(images, group_refs, prompts)
+        for prefix, attributes in (("property", PROPERTY_ATTRIBUTES), ("asked", ASKED_ATTRIBUTES)):
+            score = asked_property_score(scores, attributes)
+            drawn[prefix] = (score > hit_threshold, score.isfinite())
+    # trained steps are drawn uniformly among the trainable ones: the mean over them is the expected weight
+    shaped = advantage(r_id, r_prompt).mean(dim=1) if advantage is not None else None
     id_std = group_stats(r_id, G).std
+    a_id, a_prompt = group_normalize(r_id, G), group_normalize(r_prompt, G)
     prompt_std = group_stats(r_prompt, G).std
 
     kinds: dict[str, list[int]] = defaultdict(list)
@@ -118,16 +164,28 @@ def explore(
             "group_std_prompt": float(prompt_std[index].nanmean()),
             "flat_groups_id": float((id_std[index] < flat_std).float().mean()),
             "flat_groups_prompt": float((prompt_std[index] < flat_std).float().mean()),
+            "conflict_rate": conflict_rate(a_id[rows], a_prompt[rows]),
             "image_std_id": float(ode_id[index].std()) if len(indices) > 1 else float("nan"),
             "image_std_prompt": float(ode_prompt[index].std()) if len(indices) > 1 else float("nan"),
         }
-        if hits is not None and asked is not None:
-            property_rows = rows[asked[rows]]
-            if len(property_rows):
-                group_hits = hits[property_rows].view(-1, G)
-                out["property_groups"] = len(group_hits)
-                out["property_hit_rate"] = float(group_hits.float().mean())
-                out["property_groups_without_hit"] = float((~group_hits.any(dim=1)).float().mean())
+        for prefix, (hits, asked) in drawn.items():
+            asked_rows = rows[asked[rows]]
+            if not len(asked_rows):
+                continue
+            group_hits = hits[asked_rows].view(-1, G)
+            out[f"{prefix}_groups"] = len(group_hits)
+            out[f"{prefix}_hit_rate"] = float(group_hits.float().mean())
+            out[f"{prefix}_groups_without_hit"] = float((~group_hits.any(dim=1)).float().mean())
+            if shaped is not None:
+                compared = edit_advantages(
+                    group_hits,
+                    shaped[asked_rows].view(-1, G),
+                    r_id[asked_rows].view(-1, G),
+                    r_prompt[asked_rows].view(-1, G),
+                )
+                if not compared["mixed_groups"]:  # nothing to compare: no NaN entries in the JSON
+                    compared = {"mixed_groups": 0}
+                out.update({f"{prefix}_{key}": value for key, value in compared.items()})
         return out
 
     result = {

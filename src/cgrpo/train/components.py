@@ -42,6 +42,23 @@ def record_world_version(config: DataConfig | None) -> None:
             config.options.setdefault("scene_version", SCENE_VERSION)
 
 
+def step_weights(config: GRPOConfig, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """TDW's ``(w_id, w_prompt)`` for the real denoising ``steps`` under ``config.advantage`` (Eq. 12)."""
+    from cgrpo.advantage import tdw_weights
+
+    a = config.advantage
+    return tdw_weights(
+        steps,
+        config.sampling.num_steps,
+        schedule=a.schedule,
+        w_max=a.w_max,
+        w_min=a.w_min,
+        t_c=a.t_c,
+        lam=a.lam,
+        ratio=tuple(a.ratio),
+    )
+
+
 def build_datasets(config: DataConfig, seed: int) -> tuple[SubjectDataset, list[Example]]:
     """(training dataset, held-out evaluation examples)."""
     options = dict(config.options)

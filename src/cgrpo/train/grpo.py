@@ -38,7 +38,6 @@ from cgrpo.advantage import (
     group_stats,
     multi_conflict_rate,
     multi_sars,
-    tdw_weights,
 )
 from cgrpo.config import save_config, to_dict
 from cgrpo.io import atomic_write_json
@@ -73,6 +72,7 @@ from cgrpo.train.components import (
     record_world_version,
     score_subjects_with_retries,
     score_with_retries,
+    step_weights,
     use_policy_references,
     validate_data,
 )
@@ -374,17 +374,7 @@ class GRPOTrainer:
         )
 
     def _tdw(self, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        a = self.config.advantage
-        return tdw_weights(
-            steps,
-            self.config.sampling.num_steps,
-            schedule=a.schedule,
-            w_max=a.w_max,
-            w_min=a.w_min,
-            t_c=a.t_c,
-            lam=a.lam,
-            ratio=tuple(a.ratio),
-        )
+        return step_weights(self.config, steps)
 
     def _score(self, images, references, prompts, classes) -> tuple[torch.Tensor, torch.Tensor]:
         """Identity rewards ``[N, K]`` and prompt rewards ``[N]`` of all processes' samples; each process
