@@ -49,14 +49,20 @@ def test_edit_advantages_compares_hits_and_misses_of_mixed_groups_only():
     assert none["mixed_groups"] == 0 and math.isnan(none["hit_advantage"])
 
 
-def test_explore_counts_hits_and_flat_groups_consistently(tiny_policy_dir):
+@pytest.fixture
+def rollout_setup(tiny_policy_dir):
+    """A tiny mini policy, a small world, and a 4-step schedule whose first 2 steps are stochastic."""
     from cgrpo.policy.mini import mini
 
     policy = mini(tiny_policy_dir)
     world = MiniWorld(image_size=16, num_train_subjects=4, num_test_subjects=6)
-    examples = list(world.eval_set(num_subjects=3))
     sigmas = flux_sigmas(4, image_seq_len=policy.latent_shape[0])
-    sde = torch.tensor([True, True, False, False])
+    return policy, world, sigmas, torch.tensor([True, True, False, False])
+
+
+def test_explore_counts_hits_and_flat_groups_consistently(rollout_setup):
+    policy, world, sigmas, sde = rollout_setup
+    examples = list(world.eval_set(num_subjects=3))
     result = explore(
         policy,
         examples,
@@ -120,14 +126,9 @@ def test_analyze_exploration_command_writes_json(tmp_path, tiny_policy_dir):
     )
 
 
-def test_explore_reports_the_advantage_of_rollouts_that_draw_the_asked_property(tiny_policy_dir):
-    from cgrpo.policy.mini import mini
-
-    policy = mini(tiny_policy_dir)
-    world = MiniWorld(image_size=16, num_train_subjects=4, num_test_subjects=6)
+def test_explore_reports_the_advantage_of_rollouts_that_draw_the_asked_property(rollout_setup):
+    policy, world, sigmas, sde = rollout_setup
     examples = [e for e in world.eval_set(num_subjects=4) if e.kind == "property"]
-    sigmas = flux_sigmas(4, image_seq_len=policy.latent_shape[0])
-    sde = torch.tensor([True, True, False, False])
     seen = {}
 
     def two_steps(r_id, r_prompt):  # a stand-in advantage on 2 trainable steps whose mean is 2 * prompt
@@ -155,14 +156,9 @@ def test_explore_reports_the_advantage_of_rollouts_that_draw_the_asked_property(
         assert block[f"{prefix}_miss_advantage"] == pytest.approx(2 * block[f"{prefix}_miss_prompt"])
 
 
-def test_explore_conflict_rate_is_the_share_of_opposite_advantages(tiny_policy_dir):
-    from cgrpo.policy.mini import mini
-
-    policy = mini(tiny_policy_dir)
-    world = MiniWorld(image_size=16, num_train_subjects=4, num_test_subjects=6)
+def test_explore_conflict_rate_is_the_share_of_opposite_advantages(rollout_setup):
+    policy, world, sigmas, sde = rollout_setup
     examples = list(world.eval_set(num_subjects=2))
-    sigmas = flux_sigmas(4, image_seq_len=policy.latent_shape[0])
-    sde = torch.tensor([True, True, False, False])
     prompt = MiniPromptReward()
 
     def against(*args):  # an "identity" reward that is the prompt reward reversed: every sample conflicts
