@@ -12,6 +12,7 @@ import torch
 
 from cgrpo import policy as policies
 from cgrpo import rewards as reward_registry
+from cgrpo.advantage import tdw_weights
 from cgrpo.data.base import Example, SubjectDataset
 from cgrpo.policy.base import Policy
 from cgrpo.rewards.base import Reward
@@ -44,8 +45,6 @@ def record_world_version(config: DataConfig | None) -> None:
 
 def step_weights(config: GRPOConfig, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """TDW's ``(w_id, w_prompt)`` for the real denoising ``steps`` under ``config.advantage`` (Eq. 12)."""
-    from cgrpo.advantage import tdw_weights
-
     a = config.advantage
     return tdw_weights(
         steps,
