@@ -164,7 +164,9 @@ def test_tdw_is_keyed_by_the_real_step(tiny_policy_dir, tmp_path, monkeypatch):
     )
     trainer = GRPOTrainer(config)
     seen = {}
-    real_sars, real_loss = grpo_module.multi_sars, grpo_module.clipped_policy_loss
+    import cgrpo.train.components as components  # where the trainer's advantages are shaped
+
+    real_sars, real_loss = components.multi_sars, grpo_module.clipped_policy_loss
 
     def spy_sars(a_ids, a_prompt, w_id, w_prompt, **kw):  # one subject: a_ids [N, 1]
         seen["a"] = (a_ids[:, 0].clone(), a_prompt.clone())
@@ -178,7 +180,7 @@ def test_tdw_is_keyed_by_the_real_step(tiny_policy_dir, tmp_path, monkeypatch):
         seen.setdefault("adv", []).append(advantages.detach().clone())
         return real_loss(log_prob, old_log_prob, advantages, **kw)
 
-    monkeypatch.setattr(grpo_module, "multi_sars", spy_sars)
+    monkeypatch.setattr(components, "multi_sars", spy_sars)
     monkeypatch.setattr(grpo_module, "clipped_policy_loss", spy_loss)
     monkeypatch.setattr(trainer, "_select_steps", spy_select)
     trainer.iteration()

@@ -413,14 +413,19 @@ def analyze_exploration(
 
     import torch
 
-    from cgrpo.advantage import group_normalize, sars
     from cgrpo.config import load_config
     from cgrpo.eval.exploration import explore
     from cgrpo.eval.runner import resolve_lora
     from cgrpo.io import atomic_write_json
     from cgrpo.rewards.mini import reward_breakdown
     from cgrpo.sde import steps_to_mask
-    from cgrpo.train.components import build_datasets, build_policy, build_rewards, step_weights
+    from cgrpo.train.components import (
+        build_datasets,
+        build_policy,
+        build_rewards,
+        normalized_advantages,
+        shaped_advantages,
+    )
     from cgrpo.train.config import GRPOConfig
     from cgrpo.train.sampling import schedule
 
@@ -440,15 +445,12 @@ def analyze_exploration(
     sde_steps = steps_to_mask(
         torch.arange(s.num_steps - 1 if s.sde_steps is None else s.sde_steps), s.num_steps
     )
-    G = cfg.train.group_size
-    a = cfg.advantage
-    w_id, w_prompt = step_weights(cfg, torch.nonzero(sde_steps).flatten())  # the trainable steps
+    trainable = torch.nonzero(sde_steps).flatten()
 
     def advantage(r_id: torch.Tensor, r_prompt: torch.Tensor) -> torch.Tensor:
-        """The config's shaped advantage (Eq. 8, 11, 12) of each rollout on each trainable step."""
-        a_id = group_normalize(r_id, G, eps=a.eps, std=a.std)
-        a_prompt = group_normalize(r_prompt, G, eps=a.eps, std=a.std)
-        return sars(a_id, a_prompt, w_id[None], w_prompt[None], alpha=a.alpha, synergy=a.synergy)
+        """The trainer's shaped advantage (Eq. 8, 11, 12) of each rollout on each trainable step."""
+        a_ids, a_prompt = normalized_advantages(cfg, r_id[:, None], r_prompt)
+        return shaped_advantages(cfg, a_ids, a_prompt, trainable)
 
     result = explore(
         policy,
@@ -457,7 +459,7 @@ def analyze_exploration(
         prompt,
         sigmas,
         sde_steps,
-        group_size=G,
+        group_size=cfg.train.group_size,
         noise_level=s.noise_level,
         formulation=s.formulation,
         seed=seed,

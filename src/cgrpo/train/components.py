@@ -12,7 +12,7 @@ import torch
 
 from cgrpo import policy as policies
 from cgrpo import rewards as reward_registry
-from cgrpo.advantage import tdw_weights
+from cgrpo.advantage import group_normalize, group_normalize_columns, multi_sars, tdw_weights
 from cgrpo.data.base import Example, SubjectDataset
 from cgrpo.policy.base import Policy
 from cgrpo.rewards.base import Reward
@@ -43,10 +43,23 @@ def record_world_version(config: DataConfig | None) -> None:
             config.options.setdefault("scene_version", SCENE_VERSION)
 
 
-def step_weights(config: GRPOConfig, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """TDW's ``(w_id, w_prompt)`` for the real denoising ``steps`` under ``config.advantage`` (Eq. 12)."""
+def normalized_advantages(
+    config: GRPOConfig, r_ids: torch.Tensor, r_prompt: torch.Tensor, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 8 under ``config.advantage``: identity rewards ``[N, K]`` (each subject's column on its own) and
+    prompt rewards ``[N]`` normalised inside their groups of ``train.group_size``; ``valid`` masks samples."""
+    a, G = config.advantage, config.train.group_size
+    a_ids = group_normalize_columns(r_ids, G, eps=a.eps, std=a.std, valid=valid)
+    return a_ids, group_normalize(r_prompt, G, eps=a.eps, std=a.std, valid=valid)
+
+
+def shaped_advantages(
+    config: GRPOConfig, a_ids: torch.Tensor, a_prompt: torch.Tensor, steps: torch.Tensor
+) -> torch.Tensor:
+    """``[N, k]``: SARS (Eq. 10-11; n-objective with K > 1 subjects) of the normalised advantages with TDW's
+    weights (Eq. 12) for the real denoising ``steps`` ``[k]``, under ``config.advantage``."""
     a = config.advantage
-    return tdw_weights(
+    w_id, w_prompt = tdw_weights(
         steps,
         config.sampling.num_steps,
         schedule=a.schedule,
@@ -55,6 +68,15 @@ def step_weights(config: GRPOConfig, steps: torch.Tensor) -> tuple[torch.Tensor,
         t_c=a.t_c,
         lam=a.lam,
         ratio=tuple(a.ratio),
+    )
+    return multi_sars(
+        a_ids,
+        a_prompt,
+        w_id[None, :],
+        w_prompt[None, :],
+        alpha=a.alpha,
+        synergy=a.synergy,
+        mode=a.multi_subject,
     )
 
 

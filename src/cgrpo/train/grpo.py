@@ -33,11 +33,8 @@ from tqdm.auto import tqdm
 
 from cgrpo.advantage import (
     conflict_rate,
-    group_normalize,
-    group_normalize_columns,
     group_stats,
     multi_conflict_rate,
-    multi_sars,
 )
 from cgrpo.config import save_config, to_dict
 from cgrpo.io import atomic_write_json
@@ -69,10 +66,11 @@ from cgrpo.train.components import (
     build_datasets,
     build_policy,
     build_rewards,
+    normalized_advantages,
     record_world_version,
     score_subjects_with_retries,
     score_with_retries,
-    step_weights,
+    shaped_advantages,
     use_policy_references,
     validate_data,
 )
@@ -295,8 +293,7 @@ class GRPOTrainer:
 
         # 4. Each reward normalised inside its own group (Eq. 8), every subject's identity column on its own.
         a = cfg.advantage
-        a_ids = group_normalize_columns(r_ids, G, eps=a.eps, std=a.std, valid=valid)
-        a_prompt = group_normalize(r_prompt, G, eps=a.eps, std=a.std, valid=valid)
+        a_ids, a_prompt = normalized_advantages(cfg, r_ids, r_prompt, valid)
         # The conflict statistic and the advantages log take one identity advantage: with K > 1 subjects
         # the one SARS sees, the subjects' mean (the minimum for multi_subject=weakest); with K = 1 it is
         # a_ids[:, 0] exactly.
@@ -305,16 +302,7 @@ class GRPOTrainer:
 
         # 5-6. TDW weights keyed by the real step, then SARS per (sample, step) -> [N, k]; with K subjects the
         #      n-objective SARS (advantage.multi_subject), which splits TDW's identity weight over them.
-        w_id, w_prompt = self._tdw(steps)
-        advantages = multi_sars(
-            a_ids,
-            a_prompt,
-            w_id[None, :],
-            w_prompt[None, :],
-            alpha=a.alpha,
-            synergy=a.synergy,
-            mode=a.multi_subject,
-        )
+        advantages = shaped_advantages(cfg, a_ids, a_prompt, steps)
         advantages = torch.where(valid[:, None], advantages, torch.zeros_like(advantages))
 
         # 7. Clipped policy loss on the selected steps (this process's rows); AdamW. An iteration whose
@@ -372,9 +360,6 @@ class GRPOTrainer:
         return select_steps(
             self._num_sde_steps() + 1, t.step_selection, k=t.train_steps, generator=self.step_generator
         )
-
-    def _tdw(self, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return step_weights(self.config, steps)
 
     def _score(self, images, references, prompts, classes) -> tuple[torch.Tensor, torch.Tensor]:
         """Identity rewards ``[N, K]`` and prompt rewards ``[N]`` of all processes' samples; each process
