@@ -35,7 +35,7 @@ from cgrpo.plots import conflict_curve, reward_curves
 from cgrpo.train.components import mini_world
 from cgrpo.train.config import GRPOConfig
 from cgrpo.train.grpo import GRPOTrainer
-from cgrpo.train.heldout import HeldoutResult, ci95, evaluate_heldout
+from cgrpo.train.heldout import HeldoutResult, ci95, evaluate_heldout, score_heldout
 from cgrpo.train.logger import log_to_stderr, read_metrics
 
 DEMO_CONFIG = "mini/customized_grpo.yaml"
@@ -134,8 +134,8 @@ def heldout_examples(config: GRPOConfig, heldout: HeldoutSet) -> list[Example]:
     """The run's mini world's held-out examples of ``heldout``'s size (its ``eval_set``; the run's own
     held-out options give the world and the seed that chooses the set)."""
     world, _, eval_options = mini_world(config.data.options)
-    eval_seed = eval_options.get("seed", 1234)
-    return list(world.eval_set(heldout.num_subjects, heldout.prompts_per_kind, seed=eval_seed))
+    size = {"num_subjects": heldout.num_subjects, "prompts_per_kind": heldout.prompts_per_kind}
+    return list(world.eval_set(**{**eval_options, **size}))
 
 
 def evaluate_policy(
@@ -262,25 +262,20 @@ def _run_images(
     """The run's first and last held-out images (and the comparison run's last), re-scored."""
     samples = trainer.output_dir / "samples"
     history = trainer.history["eval"]
-    examples = [e for e in trainer.heldout for _ in range(trainer.config.eval.images_per_prompt)]
-    base = _score(trainer, examples, torch.load(samples / f"eval-step-{history[0]['step']:06d}.pt"))
-    trained = _score(trainer, examples, torch.load(samples / f"eval-step-{history[-1]['step']:06d}.pt"))
+    per_image = trainer.config.eval.images_per_prompt
+    rewards = (trainer.identity_reward, trainer.prompt_reward)
+
+    def score(images: torch.Tensor) -> HeldoutResult:
+        return score_heldout(trainer.heldout, images, *rewards, per_image)
+
+    base = score(torch.load(samples / f"eval-step-{history[0]['step']:06d}.pt"))
+    trained = score(torch.load(samples / f"eval-step-{history[-1]['step']:06d}.pt"))
     compare = None
     if compare_dir is not None:
         last = json.loads((compare_dir / "final" / "eval_history.json").read_text())[-1]["step"]
-        compare = _score(trainer, examples, torch.load(compare_dir / "samples" / f"eval-step-{last:06d}.pt"))
+        compare = score(torch.load(compare_dir / "samples" / f"eval-step-{last:06d}.pt"))
+    examples = [e for e in trainer.heldout for _ in range(per_image)]
     return examples, base, trained, compare
-
-
-def _score(trainer: GRPOTrainer, examples: list[Example], images: torch.Tensor) -> HeldoutResult:
-    references = torch.stack([e.reference for e in examples])
-    prompts = [e.prompt for e in examples]
-    subjects = [e.subject_class for e in examples]
-    identity, prompt = (
-        torch.as_tensor(reward(images, references, prompts, subjects)).double()
-        for reward in (trainer.identity_reward, trainer.prompt_reward)
-    )
-    return HeldoutResult(images, identity, prompt, [e.kind for e in examples])
 
 
 def _load_final(path: Path, examples: list[Example]) -> HeldoutResult:

@@ -112,12 +112,7 @@ def evaluate_heldout(
     micro_batch: int = 0,
 ) -> HeldoutResult:
     """ODE samples of every example (``images_per_prompt`` each, seeded per image as the module docstring
-    says), scored with both rewards: per subject with K > 1 subjects (the prompt reward takes the first
-    subject's reference and class, as in training)."""
-    prompts = [e.prompt for e in examples for _ in range(images_per_prompt)]
-    references = references_per_subject(examples, images_per_prompt)  # K x [E * I, 3, H_k, W_k]
-    classes = classes_per_subject(examples, images_per_prompt)
-    kinds = [e.kind for e in examples for _ in range(images_per_prompt)]
+    says), scored with both rewards by :func:`score_heldout`."""
     was_training = policy.training
     policy.eval()  # before conditioning: a text encoder with dropout must not encode in train mode
     cond = policy.condition([e.prompt for e in examples], condition_references(examples))
@@ -125,6 +120,24 @@ def evaluate_heldout(
     seeds = [item_seed(seed, e.subject_id, e.prompt, k) for e in examples for k in range(images_per_prompt)]
     images = seeded_images(policy, cond, seeds, sigmas, micro_batch=micro_batch)
     policy.train(was_training)
+    return score_heldout(examples, images, identity_reward, prompt_reward, images_per_prompt)
+
+
+@torch.no_grad()
+def score_heldout(
+    examples: Sequence[Example],
+    images: torch.Tensor,
+    identity_reward: Reward,
+    prompt_reward: Reward,
+    images_per_prompt: int = 1,
+) -> HeldoutResult:
+    """Both rewards of held-out ``images`` ``[E * I, 3, H, W]`` (``images_per_prompt`` I per example,
+    example-major): per subject with K > 1 subjects (the prompt reward takes the first subject's reference
+    and class, as in training)."""
+    prompts = [e.prompt for e in examples for _ in range(images_per_prompt)]
+    references = references_per_subject(examples, images_per_prompt)  # K x [E * I, 3, H_k, W_k]
+    classes = classes_per_subject(examples, images_per_prompt)
+    kinds = [e.kind for e in examples for _ in range(images_per_prompt)]
     if len(references) == 1:
         identity = torch.as_tensor(identity_reward(images, references[0], prompts, classes[0])).float().cpu()
         prompt = torch.as_tensor(prompt_reward(images, references[0], prompts, classes[0])).float().cpu()
