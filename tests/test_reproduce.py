@@ -211,12 +211,13 @@ def test_claims_are_read_from_the_runs_summaries(tmp_path):
         }
         (run.output_dir).mkdir(parents=True)
         (run.output_dir / "summary.json").write_text(json.dumps(summary))
-    verdicts, seeds_agreeing = {}, {}
+    verdicts, seeds_agreeing, paired = {}, {}, {}
     for line in claim_lines(plan)[6:]:
         if line.startswith("|"):
-            claim, paper, ours, agreeing = [cell.strip() for cell in line.strip("|").split("|")]
+            claim, paper, ours, agreeing, difference = [cell.strip() for cell in line.strip("|").split("|")]
             verdicts[claim] = (paper, ours)
             seeds_agreeing[claim] = agreeing
+            paired[claim] = difference
     assert verdicts["Customized-GRPO improves both rewards over the base"] == ("holds", "holds")
     assert verdicts["Naive GRPO 1:1 degrades competitively: identity up, prompt down (vs base)"][1] == "holds"
     assert verdicts["Naive GRPO 1:1.5 trades the other way: less identity, more prompt than 1:1"] == (
@@ -231,13 +232,17 @@ def test_claims_are_read_from_the_runs_summaries(tmp_path):
     assert seeds_agreeing["RPO overfits the reference: identity up, prompt down (vs base)"] == "2/2, 0/2"
     trade = "Naive GRPO 1:1.5 trades the other way: less identity, more prompt than 1:1"
     assert seeds_agreeing[trade] == "2/2, 2/2"
+    # the paired difference's mean and std over seeds: identity 0.78 - 0.76 (the same wobble cancels),
+    # prompt 0.77 - 0.74, both the claimed way; vs the base the wobble stays: 0.75 + 0.001 s - 0.73, s = 0, 1
+    assert paired[trade] == "+0.020 ± 0.000, +0.030 ± 0.000"
+    assert paired["Customized-GRPO improves both rewards over the base"] == "+0.021 ± 0.001, +0.020 ± 0.000"
 
     # one seed: no spread, so differences below the single-seed floor are unclear
     one = _trainers_numbers(build_plan("mini", "2,3,5", seeds=1, out=tmp_path))
     lines = "\n".join(claim_lines(one))
-    assert f"| {trade} | holds | holds | 1/1, 1/1 |" in lines
+    assert f"| {trade} | holds | holds | 1/1, 1/1 | +0.020, +0.030 |" in lines
     alpha = "Alpha past 0.5 hurts prompt following (alpha 0.8 and 1.0 vs 0.5)"
-    assert f"| {alpha} | holds | unclear | 1/1, 1/1 |" in lines
+    assert f"| {alpha} | holds | unclear | 1/1, 1/1 | +0.001, +0.030 |" in lines
 
 
 def test_full_profile_evaluates_every_policy_on_one_larger_heldout_set(tmp_path):

@@ -208,16 +208,28 @@ def _our_cell(plan: Plan, run: str, use: str, metric: str) -> Cell | None:
     return cell if cell.n else None
 
 
-def _seeds_agreeing(plan: Plan, condition: tuple[str, str, str, str, str, str]) -> str:
-    """``k/n``: in how many of the n seeds both runs finished the paired difference has the claimed sign.
-    Runs of one seed share their training seed, so this is a paired reading beside the spread rule."""
+def _paired_differences(plan: Plan, condition: tuple[str, str, str, str, str, str]) -> list[float]:
+    """Per seed where both runs finished, ``run - other`` signed so that positive is the claimed way. Runs of
+    one seed share their training seed (data order, first rollouts), so their difference is paired."""
     run, use, metric, op, other, other_use = condition
     x, y = per_seed(plan, run, use, metric), per_seed(plan, other, other_use, metric)
-    seeds = sorted(x.keys() & y.keys())
-    if not seeds:
-        return "—"
     sign = 1.0 if op == ">" else -1.0
-    return f"{sum(sign * (x[s] - y[s]) > 0 for s in seeds)}/{len(seeds)}"
+    return [sign * (x[s] - y[s]) for s in sorted(x.keys() & y.keys())]
+
+
+def _seeds_agreeing(plan: Plan, condition: tuple[str, str, str, str, str, str]) -> str:
+    """``k/n``: in how many of the n seeds both runs finished the paired difference has the claimed sign."""
+    diffs = _paired_differences(plan, condition)
+    return f"{sum(d > 0 for d in diffs)}/{len(diffs)}" if diffs else "—"
+
+
+def _paired_mean(plan: Plan, condition: tuple[str, str, str, str, str, str]) -> str:
+    """Mean ± std over seeds of the paired difference, positive the claimed way (std from two seeds on)."""
+    diffs = _paired_differences(plan, condition)
+    if not diffs:
+        return "—"
+    mean = statistics.fmean(diffs)
+    return f"{mean:+.3f}" if len(diffs) == 1 else f"{mean:+.3f} ± {statistics.stdev(diffs):.3f}"
 
 
 def _verdict(checks: list[bool | None]) -> str:
@@ -237,10 +249,11 @@ def claim_lines(plan: Plan) -> list[str]:
         f"Ours: a difference counts when it exceeds the seeds' spread (sqrt of the summed variances) and "
         f"{NOISE_FLOOR} ({SINGLE_SEED_FLOOR} with a single seed); otherwise the claim is *unclear*. "
         "Seeds agreeing: per comparison of the claim, in how many seeds the paired difference (same training "
-        "seed) points the claimed way.",
+        "seed) points the claimed way. Paired difference: its mean ± std over seeds, positive the claimed way "
+        "(the seeds' shared part cancels in it, so its std can be far below the spread above).",
         "",
-        "| Claim | paper | ours | seeds agreeing |",
-        "|---|---|---|---|",
+        "| Claim | paper | ours | seeds agreeing | paired difference |",
+        "|---|---|---|---|---|",
     ]
     shown = 0
     for text, conditions in CLAIMS:
@@ -261,7 +274,8 @@ def claim_lines(plan: Plan) -> list[str]:
             diff = sign * (x.mean - y.mean)
             our_checks.append(None if abs(diff) <= noise else diff > 0)
         agreeing = ", ".join(_seeds_agreeing(plan, condition) for condition in conditions)
-        lines.append(f"| {text} | {_verdict(paper_checks)} | {_verdict(our_checks)} | {agreeing} |")
+        paired = ", ".join(_paired_mean(plan, condition) for condition in conditions)
+        lines.append(f"| {text} | {_verdict(paper_checks)} | {_verdict(our_checks)} | {agreeing} | {paired} |")
         shown += 1
     return lines + [""] if shown else []
 
