@@ -249,8 +249,8 @@ def claim_lines(plan: Plan) -> list[str]:
         f"Ours: a difference counts when it exceeds the seeds' spread (sqrt of the summed variances) and "
         f"{NOISE_FLOOR} ({SINGLE_SEED_FLOOR} with a single seed); otherwise the claim is *unclear*. "
         "Seeds agreeing: per comparison of the claim, in how many seeds the paired difference (same training "
-        "seed) points the claimed way. Paired difference: its mean ± std over seeds, positive the claimed way "
-        "(the seeds' shared part cancels in it, so its std can be far below the spread above).",
+        "seed) points the claimed way. Paired difference: its mean ± std over seeds, positive the claimed "
+        "way (the seeds' shared part cancels in it, so its std can be far below the spread above).",
         "",
         "| Claim | paper | ours | seeds agreeing | paired difference |",
         "|---|---|---|---|---|",
@@ -275,7 +275,8 @@ def claim_lines(plan: Plan) -> list[str]:
             our_checks.append(None if abs(diff) <= noise else diff > 0)
         agreeing = ", ".join(_seeds_agreeing(plan, condition) for condition in conditions)
         paired = ", ".join(_paired_mean(plan, condition) for condition in conditions)
-        lines.append(f"| {text} | {_verdict(paper_checks)} | {_verdict(our_checks)} | {agreeing} | {paired} |")
+        verdicts = f"{_verdict(paper_checks)} | {_verdict(our_checks)}"
+        lines.append(f"| {text} | {verdicts} | {agreeing} | {paired} |")
         shown += 1
     return lines + [""] if shown else []
 
