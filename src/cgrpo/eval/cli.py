@@ -376,6 +376,35 @@ def eval_table(
         atomic_write_text(out, text)
 
 
+@eval_app.command("change")
+@_user_errors
+def eval_change(
+    before: Annotated[Path, typer.Argument(help="Evaluation folder before (e.g. the base's).")],
+    after: Annotated[Path, typer.Argument(help="Evaluation folder after, of the same images and seeds.")],
+    out: Annotated[
+        Path | None, typer.Option(help="Also write change.json and change.md into this folder.")
+    ] = None,
+) -> None:
+    """The per-image change between two evaluations of the same images (same task options and seed): mean
+    change with its 95% interval, overall, per category and, for mini-world prompts, per asked attribute."""
+    from cgrpo.eval.change import change_summary, check_pairs, markdown, read_evaluation, shared_metrics
+    from cgrpo.io import atomic_write_json, atomic_write_text
+
+    rows_before, rows_after = read_evaluation(before), read_evaluation(after)
+    check_pairs(rows_before, rows_after, (str(before), str(after)))
+    metrics = shared_metrics(rows_before, rows_after)
+    if not metrics:
+        raise ValueError(f"{before} and {after} share no score column")
+    summary = change_summary(rows_before, rows_after, metrics)
+    text = markdown(summary, str(before), str(after))
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+    if out is not None:
+        atomic_write_json(
+            out / "change.json", {"before": str(before), "after": str(after), "groups": summary}
+        )
+        atomic_write_text(out / "change.md", text)
+
+
 @analyze_app.command("conflict")
 @_user_errors
 def analyze_conflict(
