@@ -28,6 +28,7 @@ import torch
 
 from cgrpo.config import load_config
 from cgrpo.data.base import Example
+from cgrpo.eval.change import paired_change
 from cgrpo.eval.mini import PRECISE_HELDOUT, HeldoutSet
 from cgrpo.imaging import grid, save_png
 from cgrpo.io import atomic_write_json, atomic_write_text
@@ -35,7 +36,7 @@ from cgrpo.plots import conflict_curve, reward_curves
 from cgrpo.train.components import mini_world
 from cgrpo.train.config import GRPOConfig
 from cgrpo.train.grpo import GRPOTrainer
-from cgrpo.train.heldout import HeldoutResult, ci95, evaluate_heldout, score_heldout
+from cgrpo.train.heldout import HeldoutResult, evaluate_heldout, score_heldout
 from cgrpo.train.logger import log_to_stderr, read_metrics
 
 DEMO_CONFIG = "mini/customized_grpo.yaml"
@@ -299,8 +300,9 @@ def paired_changes(
     interval of the mean change: overall, per prompt kind and on property-change prompts. ``before`` and
     ``after``: the two policies' held-out results, image by image in the order of ``examples``.
 
-    ``{"<group>/<reward>": {"base", "trained", "change", "ci95", "n"}}``; pairing removes the spread between
-    prompts, so the interval of a change is much narrower than that of either mean."""
+    ``{"<group>/<reward>": {"base", "trained", "change", "ci95", "n"}}``, each from
+    :func:`cgrpo.eval.change.paired_change` over the images both policies scored; pairing removes the spread
+    between prompts, so the interval of a change is much narrower than that of either mean."""
     groups: dict[str, list[int]] = {"all": list(range(len(examples)))}
     for index, example in enumerate(examples):
         groups.setdefault(example.kind or "other", []).append(index)
@@ -310,16 +312,13 @@ def paired_changes(
     out = {}
     for group, indices in groups.items():
         for name, (base, trained) in rewards.items():
-            first, last = base.double()[indices], trained.double()[indices]
-            diff = last - first
-            diff = diff[torch.isfinite(diff)]
-            n = len(diff)
+            change = paired_change(base[indices].tolist(), trained[indices].tolist())
             out[f"{group}/{name}"] = {
-                "base": float(first.nanmean()),
-                "trained": float(last.nanmean()),
-                "change": float(diff.mean()) if n else float("nan"),
-                "ci95": ci95(diff),
-                "n": n,
+                "base": change["before"],
+                "trained": change["after"],
+                "change": change["change"],
+                "ci95": change["ci95"],
+                "n": change["n"],
             }
     return out
 
