@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from cgrpo.eval.runner import parse_score, read_scores
+from cgrpo.eval.runner import BASE_COLUMNS, parse_score, read_scores
 from cgrpo.train.heldout import ci95
 
 PAIR_KEYS = ("subject", "prompt", "seed")
@@ -115,8 +115,7 @@ def change_summary(
 
 def shared_metrics(before: Sequence[dict[str, Any]], after: Sequence[dict[str, Any]]) -> list[str]:
     """The score columns both evaluations have (every column but the row's description)."""
-    described = {"method", "subject", "class", "category", "kind", "prompt", "seed", "image", "reference"}
-    first = [k for k in (before[0] if before else {}) if k not in described]
+    first = [k for k in (before[0] if before else {}) if k not in BASE_COLUMNS]
     return [k for k in first if after and k in after[0]]
 
 
