@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -44,26 +45,20 @@ def paired_change(before: Sequence[float], after: Sequence[float]) -> dict[str, 
 
 
 def asked_labels(prompt: str) -> list[str]:
-    """What a mini-world prompt asks for, one label per attribute (none for a plain prompt or a prompt that is
-    not the mini world's)."""
+    """What a mini-world prompt asks for, one label per field of its parsed :class:`PromptSpec` but the shape
+    (none for a plain prompt or a prompt that is not the mini world's)."""
     from cgrpo.data.miniworld import parse_prompt
 
     try:
         spec = parse_prompt(prompt)
     except ValueError:
         return []
-    labels = [
-        f"{name}: {value}"
-        for name, value in (
-            ("background", spec.background),
-            ("position", spec.position),
-            ("size", spec.size),
-            ("color", spec.color),
-            ("pattern", spec.pattern),
-        )
-        if value
-    ]
-    return labels + (["upside down"] if spec.upside_down else [])
+    labels = []
+    for field in fields(spec):
+        value = getattr(spec, field.name)
+        if field.name != "shape" and value:
+            labels.append(field.name.replace("_", " ") if value is True else f"{field.name}: {value}")
+    return labels
 
 
 def check_pairs(
