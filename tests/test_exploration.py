@@ -9,9 +9,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from cgrpo.data import miniworld as mw
 from cgrpo.data.miniworld import MiniWorld
 from cgrpo.eval.exploration import asked_property_score, edit_advantages, explore, images_for_interval
-from cgrpo.rewards.mini import MiniIdentityReward, MiniPromptReward, reward_breakdown
+from cgrpo.rewards.mini import MiniIdentityReward, MiniPromptReward, recolor_scores, reward_breakdown
 from cgrpo.sde import flux_sigmas
 
 
@@ -74,6 +75,7 @@ def test_explore_counts_hits_and_flat_groups_consistently(rollout_setup):
         breakdown=reward_breakdown,
         hit_threshold=-1.0,  # every asked property counts as drawn
         advantage=lambda r_id, r_prompt: torch.zeros(len(r_id), 2),
+        recolors=recolor_scores,
     )
     assert result["all"]["groups"] == len(examples)
     assert set(result["kinds"]) == {e.kind for e in examples}
@@ -83,6 +85,11 @@ def test_explore_counts_hits_and_flat_groups_consistently(rollout_setup):
     # no group holds both a drawn and a missed rollout: nothing to compare, and no NaN in the JSON
     assert prop["property_mixed_groups"] == 0 and "property_hit_advantage" not in prop
     assert "property_hit_rate" not in result["kinds"]["plain"]
+    # the recolour rates cover exactly the rollouts of prompts that name a colour
+    recolours = [e for e in examples if mw.parse_prompt(e.prompt).color]
+    assert result["all"]["recolor_rollouts"] == 3 * len(recolours) > 0
+    assert result["all"]["recolor_asked_rate"] == 1.0 == result["all"]["recolor_other_rate"]
+    assert "recolor_rollouts" not in result["kinds"]["plain"]
     for block in result["kinds"].values():
         assert 0.0 <= block["flat_groups_id"] <= 1.0 and block["group_std_id"] >= 0.0
         assert 0.0 <= block["conflict_rate"] <= 1.0

@@ -269,3 +269,38 @@ def test_faithful_color_share_stops_rewarding_a_painted_over_pattern():
     assert ID(painted, refs, prompts).mean() < ID(faithful, refs, prompts).mean() - 0.15
     with pytest.raises(ValueError, match="faithful_color_share"):
         rewards.build("mini_prompt", faithful_color_share=0.0)
+
+
+def test_recolor_scores_tell_the_asked_colour_from_another_one():
+    rows = []  # (image, reference, prompt, expected) for the test subjects that can be recoloured twice
+    for subject in WORLD.test_subjects:
+        options = mw._recolours(subject)
+        if len(options) < 2:
+            continue
+        asked, wrong = options[:2]
+        prompt = mw.format_prompt(mw.PromptSpec(subject.shape, color=asked))
+        reference = WORLD.reference(subject)
+        rows.append((WORLD.render(subject, prompt), reference, prompt, "asked"))
+        rows.append(
+            (WORLD.render(subject, mw.PromptSpec(subject.shape, color=wrong)), reference, prompt, "other")
+        )
+        rows.append((reference, reference, prompt, "copy"))
+        rows.append((reference, reference, subject.class_name, "no colour asked"))
+        if len(rows) >= 40:
+            break
+    images, references, prompts, expected = zip(*rows, strict=True)
+    scores = mini.recolor_scores(torch.stack(images), torch.stack(references), list(prompts))
+    for i, what in enumerate(expected):
+        asked, other = float(scores["asked"][i]), float(scores["other"][i])
+        if what == "asked":  # a faithful recolour: its body (well over 30% of the subject) has the colour
+            assert asked == 1.0 and other < 0.5, (prompts[i], asked, other)
+        elif what == "other":
+            assert other == 1.0 and asked < 0.5, (prompts[i], asked, other)
+        elif what == "copy":  # the reference's own colours are never counted as a recolour
+            assert asked < 0.5 and other < 0.5, (prompts[i], asked, other)
+        else:
+            assert math.isnan(asked) and math.isnan(other)
+    # "asked" is the prompt reward's own colour term
+    colour = mini.prompt_scores(torch.stack(images), torch.stack(references), list(prompts))["color"]
+    has = ~colour.isnan()
+    assert torch.allclose(scores["asked"][has], colour[has], atol=1e-5)

@@ -314,6 +314,33 @@ def test_property_rate_makes_edits_of_the_look_rare_and_keeps_the_rest():
         WORLD.dataset("train", property_rate=0.0)
 
 
+def test_text_to_image_pairs_have_a_blank_reference_and_name_the_look_they_draw():
+    plain = WORLD.dataset("train", prompts_per_subject=8, seed=3, copy_paste=0.3)
+    mixed = WORLD.dataset("train", prompts_per_subject=8, seed=3, copy_paste=0.3, text_to_image=0.4)
+    assert [e[:5] for e in plain.entries] == [
+        e[:5] for e in WORLD.dataset("train", prompts_per_subject=8, seed=3, copy_paste=0.3).entries
+    ]
+    pairs = [i for i, entry in enumerate(mixed.entries) if not entry[5]]
+    assert 0.3 < len(pairs) / len(mixed) < 0.5 and len(mixed) == len(plain)
+    blank = torch.tensor(mw.DEFAULT_BACKGROUND)[:, None, None]
+    for i in pairs[:40]:
+        example = mixed[i]
+        subject = WORLD.subject(example.subject_id)
+        spec = mw.parse_prompt(example.prompt)
+        assert torch.allclose(example.reference, blank.expand_as(example.reference))
+        # the prompt names a body colour (the subject's own unless a recolour was drawn) and, for a striped
+        # subject, its stripes; the target is the subject drawn as that prompt says
+        assert spec.color is not None and (subject.pattern != "stripes" or spec.pattern == "stripes")
+        assert torch.equal(example.target, WORLD.render(subject, example.prompt))
+    assert all(
+        torch.equal(mixed[i].reference, WORLD.reference(WORLD.subject(mixed[i].subject_id)))
+        for i in range(len(mixed))
+        if mixed.entries[i][5]
+    )
+    with pytest.raises(ValueError, match="text_to_image"):
+        WORLD.dataset("train", text_to_image=1.5)
+
+
 def test_imperfect_pairs_drift_details_and_copy_paste_a_share_of_the_targets():
     clean = WORLD.dataset("train", prompts_per_subject=8, seed=3)
     imperfect = WORLD.dataset("train", prompts_per_subject=8, seed=3, detail_drift=0.5, copy_paste=0.3)
@@ -321,8 +348,8 @@ def test_imperfect_pairs_drift_details_and_copy_paste_a_share_of_the_targets():
         imperfect.entries
         == WORLD.dataset("train", prompts_per_subject=8, seed=3, detail_drift=0.5, copy_paste=0.3).entries
     )
-    assert all(drawn == subject and shown == prompt for subject, prompt, _, drawn, shown in clean.entries)
-    drifted = [(subject, drawn) for subject, _, _, drawn, _ in imperfect.entries if drawn != subject]
+    assert all(drawn == subject and shown == prompt for subject, prompt, _, drawn, shown, _ in clean.entries)
+    drifted = [(subject, drawn) for subject, _, _, drawn, _, _ in imperfect.entries if drawn != subject]
     assert 0.4 < len(drifted) / len(imperfect) < 0.6
     for subject, drawn in drifted:
         fields = ("shape", "body_color", "pattern", "pattern_color", "mark", "mark_color")
@@ -335,7 +362,7 @@ def test_imperfect_pairs_drift_details_and_copy_paste_a_share_of_the_targets():
         assert all(mw._distance(a, b) >= mw.MIN_CONTRAST for a, b in pairs)
         assert drawn.mark in mw.valid_marks(drawn.shape)
     # copy-paste: the target shows the plain prompt's composition, whatever the prompt asked
-    pasted = [(s, prompt, shown) for s, prompt, _, _, shown in imperfect.entries if shown != prompt]
+    pasted = [(s, prompt, shown) for s, prompt, _, _, shown, _ in imperfect.entries if shown != prompt]
     non_plain = [e for e in imperfect.entries if e[1] != e[0].class_name]
     assert 0.2 < len(pasted) / len(non_plain) < 0.4
     assert all(shown == subject.class_name for subject, _, shown in pasted)
@@ -347,7 +374,9 @@ def test_imperfect_pairs_drift_details_and_copy_paste_a_share_of_the_targets():
     index = next(i for i, e in enumerate(imperfect.entries) if e[3] == e[0] and e[4] != e[1])
     assert torch.equal(imperfect[index].target, WORLD.reference(imperfect.entries[index][0]))
     # held-out ground truths are always exact
-    assert all(s == d and p == shown for s, p, _, d, shown in WORLD.eval_set(num_subjects=8).entries)
+    assert all(
+        s == d and p == shown and ref for s, p, _, d, shown, ref in WORLD.eval_set(num_subjects=8).entries
+    )
     with pytest.raises(ValueError, match="detail_drift"):
         WORLD.dataset("train", detail_drift=1.5)
     with pytest.raises(ValueError, match="copy_paste"):

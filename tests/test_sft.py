@@ -146,3 +146,21 @@ def test_sft_config_errors_name_the_key(tmp_path):
     repo_config = Path(__file__).resolve().parents[1] / "configs" / "mini" / "sft.yaml"
     if repo_config.is_file():
         assert load_config(SFTConfig, repo_config).optim.batch_size >= 1
+
+
+def test_sft_data_text_to_image_share_reaches_the_training_set():
+    config = load_config(
+        SFTConfig,
+        None,
+        [
+            "data.num_train_subjects=20",
+            "data.num_test_subjects=8",
+            "data.text_to_image=0.5",
+            "data.copy_paste=0.2",
+        ],
+    )
+    train, _ = sft.build_mini_data(config.data, seed=0)
+    blank = [e for e in train if bool((e.reference == e.reference[:, :1, :1]).all())]
+    assert 0.3 < len(blank) / len(train) < 0.7  # a background-only reference: the text-to-image pairs
+    with pytest.raises(ValueError, match="text_to_image"):
+        sft.build_mini_data(load_config(SFTConfig, None, ["data.text_to_image=2.0"]).data, seed=0)

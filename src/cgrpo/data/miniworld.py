@@ -302,6 +302,13 @@ def format_prompt(spec: PromptSpec) -> str:
     return " ".join(parts)
 
 
+def describe(subject: Subject, spec: PromptSpec) -> PromptSpec:
+    """``spec`` with the look the grammar can name filled in from ``subject``: its body colour unless a
+    recolour is asked, "striped" if its pattern is stripes (the text-to-image caption of its image)."""
+    striped = spec.pattern or ("stripes" if subject.pattern == "stripes" else None)
+    return replace(spec, color=spec.color or subject.body_color, pattern=striped)
+
+
 def parse_prompt(prompt: str) -> PromptSpec:
     """Parse a prompt of the grammar; raises ValueError naming the first word outside it."""
     words = prompt.strip().split()
@@ -902,6 +909,14 @@ class MiniWorld:
             self._references[subject] = to_chw(draw(subject, PromptSpec(subject.shape), self.image_size))
         return self._references[subject].clone()
 
+    def blank(self) -> torch.Tensor:
+        """``[3, H, W]``: the reference of a text-to-image pair, the background without a subject."""
+        return (
+            torch.tensor(DEFAULT_BACKGROUND, dtype=torch.float32)[:, None, None]
+            .expand(3, self.image_size, self.image_size)
+            .clone()
+        )
+
     def render(self, subject: Subject, prompt: str | PromptSpec) -> torch.Tensor:
         """``[3, H, W]`` float32 in [0, 1]: the ground-truth image of ``subject`` for ``prompt``."""
         spec = parse_prompt(prompt) if isinstance(prompt, str) else prompt
@@ -936,6 +951,7 @@ class MiniWorld:
         property_rate: float = 1.0,
         detail_drift: float = 0.0,
         copy_paste: float = 0.0,
+        text_to_image: float = 0.0,
     ) -> MiniWorldDataset:
         """``prompts_per_subject`` sampled prompts per subject of ``split`` (deterministic for ``seed``).
 
@@ -945,16 +961,26 @@ class MiniWorld:
         - ``detail_drift``: the share of targets drawn with two identity details redrawn
           (:func:`drift_subject`);
         - ``copy_paste``: the share of targets that ignore the prompt and show the subject as in its
-          reference (centred, default size and look, grey background), the copy-paste pairs of synthetic data.
+          reference (centred, default size and look, grey background), the copy-paste pairs of synthetic data;
+        - ``text_to_image``: the share of examples without a subject reference (a blank, background-only
+          image) whose prompt describes the subject's look (:func:`describe`), as text-to-image pre-training
+          pairs do: the base then knows what each colour word means before it learns to keep a reference.
 
         A world of several ``subjects`` per image gives :meth:`scene_dataset` with the same arguments.
         """
         if self.subjects_per_image > 1:
+            if text_to_image:
+                raise ValueError("mini-world text_to_image pairs are single-subject only (subjects=1)")
             return self.scene_dataset(
                 split, prompts_per_subject, kinds, seed, property_rate, detail_drift, copy_paste
             )
         kinds = _check_kinds(kinds)
-        for name, share in (("detail_drift", detail_drift), ("copy_paste", copy_paste)):
+        shares = (
+            ("detail_drift", detail_drift),
+            ("copy_paste", copy_paste),
+            ("text_to_image", text_to_image),
+        )
+        for name, share in shares:
             if not 0.0 <= share <= 1.0:
                 raise ValueError(f"mini-world {name} must be in [0, 1], got {share}")
         code = 0 if split == "train" else 1
@@ -963,12 +989,17 @@ class MiniWorld:
             rng = np.random.default_rng([seed, code, i])
             for _ in range(prompts_per_subject):
                 prompt, kind = sample_prompt(subject, rng, kinds, property_rate)
+                # drawn only when asked for, so that datasets without these pairs keep their random stream
+                if text_to_image > 0 and _uniform(rng) < text_to_image:
+                    described = describe(subject, parse_prompt(prompt))
+                    entries.append((subject, format_prompt(described), kind, subject, described, False))
+                    continue
                 drawn, shown = subject, prompt
                 if detail_drift > 0 and _uniform(rng) < detail_drift:
                     drawn = drift_subject(subject, rng)
                 if copy_paste > 0 and _uniform(rng) < copy_paste:
                     shown = subject.class_name  # the plain prompt: the reference's composition
-                entries.append((subject, prompt, kind, drawn, shown))
+                entries.append((subject, prompt, kind, drawn, shown, True))
         return MiniWorldDataset(self, entries)
 
     def eval_set(
@@ -993,7 +1024,7 @@ class MiniWorld:
                 for j in range(prompts_per_kind):
                     group = groups[order[j % len(groups)]]
                     prompt = group[int(rng.integers(len(group)))]
-                    entries.append((subject, prompt, kind, subject, prompt))
+                    entries.append((subject, prompt, kind, subject, prompt, True))
         return MiniWorldDataset(self, entries)
 
     def scene_dataset(
@@ -1099,18 +1130,21 @@ class _RenderedDataset:
 
 
 class MiniWorldDataset(_RenderedDataset):
-    """A ``SubjectDataset`` over (subject, prompt, kind, target subject, target prompt) entries: the subject
-    and the prompt its target is drawn of are the same two unless the pair is imperfect (see
-    :meth:`MiniWorld.dataset`); images are rendered on access."""
+    """A ``SubjectDataset`` over (subject, prompt, kind, target subject, target prompt, with reference)
+    entries: the subject and the prompt its target is drawn of are the same two unless the pair is imperfect,
+    and the reference is the subject's unless it is a text-to-image pair (see :meth:`MiniWorld.dataset`);
+    images are rendered on access."""
 
-    def example(self, index: int, entry: tuple[Subject, str, str, Subject, str]) -> Example:
-        subject, prompt, kind, drawn, shown = entry
+    def example(
+        self, index: int, entry: tuple[Subject, str, str, Subject, str | PromptSpec, bool]
+    ) -> Example:
+        subject, prompt, kind, drawn, shown, with_reference = entry
         return Example(
             id=f"{subject.id}/{index}",
             subject_id=subject.id,
             subject_class=subject.shape,
             prompt=prompt,
-            reference=self.world.reference(subject),
+            reference=self.world.reference(subject) if with_reference else self.world.blank(),
             target=self.world.render(drawn, shown),
             kind=kind,
         )

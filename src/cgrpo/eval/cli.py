@@ -446,7 +446,7 @@ def analyze_exploration(
     from cgrpo.eval.exploration import explore
     from cgrpo.eval.runner import resolve_lora
     from cgrpo.io import atomic_write_json
-    from cgrpo.rewards.mini import reward_breakdown
+    from cgrpo.rewards.mini import recolor_scores, reward_breakdown
     from cgrpo.sde import steps_to_mask
     from cgrpo.train.components import (
         build_datasets,
@@ -495,6 +495,7 @@ def analyze_exploration(
         hit_threshold=hit_threshold,
         breakdown=reward_breakdown if cfg.rewards.prompt.name == "mini_prompt" else None,
         advantage=advantage,
+        recolors=recolor_scores if cfg.rewards.prompt.name == "mini_prompt" else None,
     )
     table = Table(
         "kind",
@@ -504,6 +505,7 @@ def analyze_exploration(
         "group std id/prompt",
         "conflict",
         "property hits",
+        "recolours: asked / other colour",
     )
     for name, block in [*result["kinds"].items(), ("[bold]all[/]", result["all"])]:
         hits = (
@@ -519,6 +521,9 @@ def analyze_exploration(
             f"{block['group_std_id']:.3f} / {block['group_std_prompt']:.3f}",
             f"{block['conflict_rate']:.0%}",
             hits,
+            f"{block['recolor_asked_rate']:.0%} / {block['recolor_other_rate']:.0%}"
+            if "recolor_asked_rate" in block
+            else "",
         )
     console.print(table)
     for name, block in result["kinds"].items():

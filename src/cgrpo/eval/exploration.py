@@ -19,6 +19,8 @@ reports, per prompt kind:
   trainable steps) of the rollouts that draw it and of those that do not, beside their rewards
   (``property_hit_advantage``, ``asked_hit_advantage``, ...). A hit advantage below the miss advantage
   means the method pushes away from following the prompt even when the group samples it;
+- on recolour prompts, the share of rollouts that take the asked colour and the share that take another
+  body colour (``recolor_*``): a base can edit the look without reading which colour word was asked;
 - how many held-out images a decision needs (a power analysis from the per-image spread).
 """
 
@@ -100,6 +102,7 @@ def explore(
     flat_std: float = 0.01,
     breakdown=None,
     advantage: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    recolors: Callable[..., dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, Any]:
     """Statistics of ``group_size`` rollouts per example (see the module docstring), overall and per kind.
 
@@ -107,7 +110,10 @@ def explore(
     of per-attribute scores (the mini world's :func:`~cgrpo.rewards.mini.reward_breakdown`); without it
     the property statistics are left out. ``advantage``: ``(r_id [N], r_prompt [N]) -> [N, K]``, the
     method's shaped advantage on each of the K trainable steps (groups of ``group_size`` consecutive
-    rows); with it and ``breakdown``, blocks add :func:`edit_advantages` under each prefix."""
+    rows); with it and ``breakdown``, blocks add :func:`edit_advantages` under each prefix. ``recolors``:
+    ``(images, references, prompts) -> {"asked", "other"}`` scores of the asked colour and of the strongest
+    other one (the mini world's :func:`~cgrpo.rewards.mini.recolor_scores`); with it, blocks holding recolour
+    prompts give the share of their rollouts that take the asked colour and that take another one."""
     G = group_size
     policy.eval()
     prompts = [e.prompt for e in examples for _ in range(G)]
@@ -141,6 +147,7 @@ def explore(
         for prefix, attributes in (("property", PROPERTY_ATTRIBUTES), ("asked", ASKED_ATTRIBUTES)):
             score = asked_property_score(scores, attributes)
             drawn[prefix] = (score > hit_threshold, score.isfinite())
+    recolored = recolors(images, group_refs, prompts) if recolors is not None else None
     # trained steps are drawn uniformly among the trainable ones: the mean over them is the expected weight
     shaped = advantage(r_id, r_prompt).mean(dim=1) if advantage is not None else None
     id_std = group_stats(r_id, G).std
@@ -186,6 +193,14 @@ def explore(
                 if not compared["mixed_groups"]:  # nothing to compare: no NaN entries in the JSON
                     compared = {"mixed_groups": 0}
                 out.update({f"{prefix}_{key}": value for key, value in compared.items()})
+        if recolored is not None:
+            asked_color = recolored["asked"][rows]
+            asks = asked_color.isfinite()
+            if asks.any():
+                other_color = recolored["other"][rows][asks]
+                out["recolor_rollouts"] = int(asks.sum())
+                out["recolor_asked_rate"] = float((asked_color[asks] > hit_threshold).float().mean())
+                out["recolor_other_rate"] = float((other_color > hit_threshold).float().mean())
         return out
 
     result = {

@@ -821,6 +821,47 @@ def build_mini_prompt(**options) -> MiniPromptReward:
 
 
 @torch.no_grad()
+def body_color_shares(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[N, len(BODY_COLORS)]``: the share of each image's subject pixels (``mask`` ``[N, H, W]``) near each
+    body colour, measured as the prompt reward's colour term measures the asked one."""
+    body = torch.tensor(list(mw.BODY_COLORS.values()), dtype=torch.float32)  # [K, 3]
+    distance = (images[:, None] - body[None, :, :, None, None]).pow(2).sum(dim=2).sqrt()  # [N, K, H, W]
+    near = soft_gaussian(distance, 0.15) * mask[:, None]
+    return near.sum((2, 3)) / mask.sum((1, 2)).clamp(min=1)[:, None]
+
+
+def recolor_scores(
+    images: ImageBatch,
+    references: ImageBatch,
+    prompts: Sequence[str],
+    faithful_color_share: float = FAITHFUL_COLOR_SHARE,
+    reference_share: float = 0.1,
+) -> dict[str, torch.Tensor]:
+    """On recolour prompts: does an image take the asked colour, or another one? ``[N]`` each, NaN where
+    the prompt asks for no colour.
+
+    ``asked``: the prompt reward's colour score; ``other``: the same score of the strongest body colour that
+    is neither asked nor already in the reference (more than ``reference_share`` of its subject), i.e. a
+    recolour to the wrong colour. A base whose ``other`` rate exceeds its ``asked`` rate edits the look but
+    does not read which colour the prompt names."""
+    check_batch(images, references, prompts)
+    (batch, _), (refs, _) = _prepare(images, None), _prepare(references, None)
+    specs = [_parse(p) for p in prompts]
+    names = list(mw.BODY_COLORS)
+    asked_index = torch.tensor([names.index(s.color) if s and s.color else -1 for s in specs])
+    shares = body_color_shares(batch, segment(batch).mask)
+    in_reference = body_color_shares(refs, segment(refs).mask) > reference_share
+    rows = torch.arange(len(specs))
+    excluded = in_reference.clone()
+    excluded[rows, asked_index.clamp(min=0)] = True
+    scale = lambda share: (share / faithful_color_share).clamp(max=1.0)  # noqa: E731
+    asked = scale(shares[rows, asked_index.clamp(min=0)])
+    other = scale(shares.masked_fill(excluded, 0.0).max(dim=1).values)
+    nan = torch.full_like(asked, float("nan"))
+    has_color = asked_index >= 0
+    return {"asked": torch.where(has_color, asked, nan), "other": torch.where(has_color, other, nan)}
+
+
 def reward_breakdown(
     images: ImageBatch, references: ImageBatch, prompts: Sequence[str], image_size: int | None = None
 ) -> dict[str, torch.Tensor]:

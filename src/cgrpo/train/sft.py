@@ -76,6 +76,9 @@ class SFTDataConfig:
     # The share of targets that ignore the prompt and show the subject as in its reference (copy-paste pairs):
     # the base then sometimes ignores prompts, and prompt following has headroom that costs no identity.
     copy_paste: float = 0.0
+    # The share of text-to-image pairs (no subject reference; the prompt names the body colour): the base then
+    # learns what each colour word means from more than the rare recolours, as text-to-image pre-training does
+    text_to_image: float = 0.0
     world_seed: int = 0  # which mini world (subjects) to build
     eval_examples: int = 8  # held-out (test-split) examples sampled into every preview grid
     # A registered dataset exactly as a GRPO config names it (`data:` of configs/mini/customized_grpo.yaml):
@@ -332,6 +335,7 @@ def build_mini_data(config: SFTDataConfig, seed: int) -> tuple[Sequence[Example]
         property_rate=config.property_rate,
         detail_drift=config.detail_drift,
         copy_paste=config.copy_paste,
+        text_to_image=config.text_to_image,
     )
     # The preview grid: one held-out subject per row, going round the prompt kinds (plain, context, ...).
     held_out = list(world.eval_set(num_subjects=config.eval_examples, prompts_per_kind=1))
