@@ -850,13 +850,12 @@ def recolor_scores(
     names = list(mw.BODY_COLORS)
     asked_index = torch.tensor([names.index(s.color) if s and s.color else -1 for s in specs])
     shares = body_color_shares(batch, segment(batch).mask)
-    in_reference = body_color_shares(refs, segment(refs).mask) > reference_share
+    scores = (shares / faithful_color_share).clamp(max=1.0)
     rows = torch.arange(len(specs))
-    excluded = in_reference.clone()
+    excluded = body_color_shares(refs, segment(refs).mask) > reference_share  # the reference's own colours
     excluded[rows, asked_index.clamp(min=0)] = True
-    scale = lambda share: (share / faithful_color_share).clamp(max=1.0)  # noqa: E731
-    asked = scale(shares[rows, asked_index.clamp(min=0)])
-    other = scale(shares.masked_fill(excluded, 0.0).max(dim=1).values)
+    asked = scores[rows, asked_index.clamp(min=0)]
+    other = scores.masked_fill(excluded, 0.0).max(dim=1).values
     nan = torch.full_like(asked, float("nan"))
     has_color = asked_index >= 0
     return {"asked": torch.where(has_color, asked, nan), "other": torch.where(has_color, other, nan)}

@@ -77,7 +77,7 @@ class SFTDataConfig:
     # the base then sometimes ignores prompts, and prompt following has headroom that costs no identity.
     copy_paste: float = 0.0
     # The share of text-to-image pairs (no subject reference; the prompt names the body colour): the base then
-    # learns what each colour word means from more than the rare recolours, as text-to-image pre-training does
+    # learns what each colour word means from more than the rare recolours, as from text-to-image data.
     text_to_image: float = 0.0
     world_seed: int = 0  # which mini world (subjects) to build
     eval_examples: int = 8  # held-out (test-split) examples sampled into every preview grid
