@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 import numpy as np
@@ -317,9 +318,12 @@ def test_property_rate_makes_edits_of_the_look_rare_and_keeps_the_rest():
 def test_text_to_image_pairs_have_a_blank_reference_and_name_the_look_they_draw():
     plain = WORLD.dataset("train", prompts_per_subject=8, seed=3, copy_paste=0.3)
     mixed = WORLD.dataset("train", prompts_per_subject=8, seed=3, copy_paste=0.3, text_to_image=0.4)
-    assert [e[:5] for e in plain.entries] == [
-        e[:5] for e in WORLD.dataset("train", prompts_per_subject=8, seed=3, copy_paste=0.3).entries
-    ]
+    # without text-to-image pairs the data set is entry for entry what it was before they existed (the
+    # fingerprint was taken on that code): bases pre-trained on it stay reproducible
+    world = mw.MiniWorld(num_train_subjects=20, num_test_subjects=8, seed=0)
+    v2 = world.dataset("train", 8, seed=3, property_rate=0.1, detail_drift=0.5, copy_paste=0.3)
+    text = "\n".join(f"{e[0].id}|{e[1]}|{e[2]}|{e[3]}|{e[4]}" for e in v2.entries)
+    assert hashlib.sha256(text.encode()).hexdigest()[:16] == "e580e7f198eca253"
     pairs = [i for i, entry in enumerate(mixed.entries) if not entry[5]]
     assert 0.3 < len(pairs) / len(mixed) < 0.5 and len(mixed) == len(plain)
     blank = torch.tensor(mw.DEFAULT_BACKGROUND)[:, None, None]
