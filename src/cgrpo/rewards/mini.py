@@ -825,7 +825,7 @@ def body_color_shares(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``[N, len(BODY_COLORS)]``: the share of each image's subject pixels (``mask`` ``[N, H, W]``) near each
     body colour, measured as the prompt reward's colour term measures the asked one."""
     body = torch.tensor(list(mw.BODY_COLORS.values()), dtype=torch.float32)  # [K, 3]
-    distance = (images[:, None] - body[None, :, :, None, None]).pow(2).sum(dim=2).sqrt()  # [N, K, H, W]
+    distance = channel_norm(images[:, :, None] - body.T[None, :, :, None, None])  # [N, K, H, W]
     near = soft_gaussian(distance, 0.15) * mask[:, None]
     return near.sum((2, 3)) / mask.sum((1, 2)).clamp(min=1)[:, None]
 
