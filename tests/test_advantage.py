@@ -399,3 +399,43 @@ def test_tdw_keeps_the_shape_of_steps_and_uses_real_indices():
 def test_tdw_validation(args, kwargs, message):
     with pytest.raises(ValueError, match=message):
         tdw_weights(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------
+# A pure trade: inside a group the prompt reward falls exactly as identity rises (docs/mini-world.md)
+# --------------------------------------------------------------------------------------------------------
+
+
+@FAST
+@given(
+    r_id=st.lists(st.floats(0.0, 1.0), min_size=8, max_size=8).filter(lambda r: max(r) - min(r) > 0.01),
+    cost=st.floats(0.05, 5.0),
+    offset=st.floats(-1.0, 1.0),
+)
+def test_a_pure_trade_carries_no_naive_signal_and_only_penalties_under_static_sars(r_id, cost, offset):
+    # Group normalisation erases the rewards' scales: with r_prompt = offset - cost * r_id the two normalised
+    # advantages are exact opposites, whatever the cost, so the naive 1:1 sum is zero for every rollout and
+    # SARS at equal weights only subtracts its synergy term.
+    ids = torch.tensor(r_id, dtype=torch.float64)
+    a_id = group_normalize(ids, 8, eps=0.0)
+    a_prompt = group_normalize(offset - cost * ids, 8, eps=0.0)
+    torch.testing.assert_close(a_prompt, -a_id, atol=1e-5, rtol=1e-5)
+    assert sars(a_id, a_prompt, 1.0, 1.0, synergy="none").abs().max() < 1e-4
+    assert (sars(a_id, a_prompt, 0.5, 0.5, alpha=0.5) <= 1e-5).all()
+
+
+def test_a_lone_edit_among_copies_gains_on_tdw_prompt_steps_only():
+    # One rollout draws the asked edit (prompt up, identity down), seven copies (docs/mini-world.md).
+    r_id = torch.tensor([0.65] + [1.0] * 7)
+    r_prompt = torch.tensor([0.93] + [0.36] * 7)
+    w_id, w_prompt = tdw_weights(torch.arange(9), 10)
+    a_id, a_prompt = group_normalize(r_id, 8, eps=0.0), group_normalize(r_prompt, 8, eps=0.0)
+    assert float(a_prompt[0]) == pytest.approx(math.sqrt(7), rel=1e-4)  # 7/8 of a deviation over sqrt(7)/8
+    edit = sars(a_id[:1], a_prompt[:1], w_id[None], w_prompt[None], alpha=0.5)[0]  # [9] steps
+    torch.testing.assert_close(
+        edit, (w_prompt - w_id) * math.sqrt(7) - 0.5 * math.tanh(7.0), atol=1e-3, rtol=1e-3
+    )
+    # the demo's eps (0.02) keeps a little of the rewards' scales; the signs per step stay the same
+    a_id, a_prompt = group_normalize(r_id, 8, eps=0.02), group_normalize(r_prompt, 8, eps=0.02)
+    edit = sars(a_id[:1], a_prompt[:1], w_id[None], w_prompt[None], alpha=0.5)[0]
+    assert (edit[:6] > 0).all() and (edit[6:] < 0).all()

@@ -48,6 +48,14 @@ def test_edit_advantages_compares_hits_and_misses_of_mixed_groups_only():
     assert out["hit_prompt"] == pytest.approx(0.9) and out["miss_prompt"] == pytest.approx(0.4)
     none = edit_advantages(hits[1:2], advantage[1:2], r_id[1:2], r_prompt[1:2])
     assert none["mixed_groups"] == 0 and math.isnan(none["hit_advantage"])
+    # per step: an edit favoured on the first step and pushed away on the second, its mean in between
+    by_step = torch.stack([advantage + 1.0, advantage - 1.0], dim=2)  # [groups, G, 2]
+    stepped = edit_advantages(hits, advantage, r_id, r_prompt, by_step)
+    assert stepped["hit_advantage_by_step"] == pytest.approx([2.0, 0.0])
+    assert stepped["miss_advantage_by_step"] == pytest.approx([0.7, -1.3])
+    assert "hit_advantage_by_step" not in edit_advantages(
+        hits[1:2], advantage[1:2], r_id[1:2], r_prompt[1:2], by_step[1:2]
+    )
 
 
 @pytest.fixture
@@ -161,6 +169,10 @@ def test_explore_reports_the_advantage_of_rollouts_that_draw_the_asked_property(
         # the step mean of each rollout's advantage, read on the same rollouts as its rewards
         assert block[f"{prefix}_hit_advantage"] == pytest.approx(2 * block[f"{prefix}_hit_prompt"])
         assert block[f"{prefix}_miss_advantage"] == pytest.approx(2 * block[f"{prefix}_miss_prompt"])
+        # and step by step: the stand-in's two steps are 1x and 3x the prompt reward
+        for side in ("hit", "miss"):
+            prompt = block[f"{prefix}_{side}_prompt"]
+            assert block[f"{prefix}_{side}_advantage_by_step"] == pytest.approx([prompt, 3 * prompt])
 
 
 def test_explore_conflict_rate_is_the_share_of_opposite_advantages(rollout_setup):

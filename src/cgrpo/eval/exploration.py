@@ -17,8 +17,9 @@ reports, per prompt kind:
 - given the method's advantage (``advantage``: rewards -> shaped advantage per trained step), whether it
   favours the rollouts that draw what is asked: in groups that hold both, the mean advantage (over the
   trainable steps) of the rollouts that draw it and of those that do not, beside their rewards
-  (``property_hit_advantage``, ``asked_hit_advantage``, ...). A hit advantage below the miss advantage
-  means the method pushes away from following the prompt even when the group samples it;
+  (``property_hit_advantage``, ``asked_hit_advantage``, ...), and the same per trainable step
+  (``..._hit_advantage_by_step``). A hit advantage below the miss advantage means the method pushes away
+  from following the prompt even when the group samples it;
 - on recolour prompts, the share of rollouts that take the asked colour and the share that take another
   body colour (``recolor_*``): a base can edit the look without reading which colour word was asked;
 - how many held-out images a decision needs (a power analysis from the per-image spread).
@@ -56,13 +57,20 @@ def asked_property_score(
 
 
 def edit_advantages(
-    hits: torch.Tensor, advantage: torch.Tensor, r_id: torch.Tensor, r_prompt: torch.Tensor
-) -> dict[str, float]:
+    hits: torch.Tensor,
+    advantage: torch.Tensor,
+    r_id: torch.Tensor,
+    r_prompt: torch.Tensor,
+    advantage_by_step: torch.Tensor | None = None,
+) -> dict[str, Any]:
     """Does the method favour the rollouts that draw what is asked? ``[groups, G]`` each: ``hits``
     (bool), the shaped ``advantage`` (mean over trained steps) and both rewards.
 
     Only groups with at least one hit and one miss carry a signal between the two; over those
     (``mixed_groups``) the mean advantage and rewards of the hits and of the misses (NaN without such groups).
+    ``advantage_by_step`` (``[groups, G, K]``, the advantage on each of K trainable steps) adds the same two
+    means per step (``hit_advantage_by_step``, ``miss_advantage_by_step``: K floats each, only with mixed
+    groups): TDW can favour an edit on the early steps and push it away on the late ones.
     """
     mixed = hits.any(dim=1) & (~hits).any(dim=1)
     h, m = hits[mixed], ~hits[mixed]
@@ -70,7 +78,7 @@ def edit_advantages(
     def mean(values: torch.Tensor, which: torch.Tensor) -> float:
         return float(values[mixed][which].mean()) if bool(which.any()) else float("nan")
 
-    return {
+    out: dict[str, Any] = {
         "mixed_groups": int(mixed.sum()),
         "hit_advantage": mean(advantage, h),
         "miss_advantage": mean(advantage, m),
@@ -79,6 +87,11 @@ def edit_advantages(
         "hit_prompt": mean(r_prompt, h),
         "miss_prompt": mean(r_prompt, m),
     }
+    if advantage_by_step is not None and bool(mixed.any()):
+        steps = advantage_by_step[mixed]  # [mixed groups, G, K]
+        out["hit_advantage_by_step"] = steps[h].mean(dim=0).tolist()
+        out["miss_advantage_by_step"] = steps[m].mean(dim=0).tolist()
+    return out
 
 
 def images_for_interval(std: float, half_width: float = 0.01, z: float = 1.96) -> int:
@@ -149,7 +162,8 @@ def explore(
             drawn[prefix] = (score > hit_threshold, score.isfinite())
     recolored = recolors(images, group_refs, prompts) if recolors is not None else None
     # trained steps are drawn uniformly among the trainable ones: the mean over them is the expected weight
-    shaped = advantage(r_id, r_prompt).mean(dim=1) if advantage is not None else None
+    by_step = advantage(r_id, r_prompt) if advantage is not None else None  # [N, K]
+    shaped = by_step.mean(dim=1) if by_step is not None else None
     id_std = group_stats(r_id, G).std
     a_id, a_prompt = group_normalize(r_id, G), group_normalize(r_prompt, G)
     prompt_std = group_stats(r_prompt, G).std
@@ -189,6 +203,7 @@ def explore(
                     shaped[asked_rows].view(-1, G),
                     r_id[asked_rows].view(-1, G),
                     r_prompt[asked_rows].view(-1, G),
+                    by_step[asked_rows].view(-1, G, by_step.shape[1]),
                 )
                 if not compared["mixed_groups"]:  # nothing to compare: no NaN entries in the JSON
                     compared = {"mixed_groups": 0}
