@@ -374,6 +374,14 @@ def stripe_score(colours: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return share * contrast
 
 
+def color_shares(images: torch.Tensor, mask: torch.Tensor, colors: torch.Tensor) -> torch.Tensor:
+    """``[N, K]``: the share of each image's subject pixels (``mask`` ``[N, H, W]``) near each of K colours,
+    ``colors`` ``[N, K, 3]`` per image or ``[1, K, 3]`` for all (soft: Gaussian in colour distance)."""
+    distance = channel_norm(images[:, :, None] - colors.permute(0, 2, 1)[..., None, None])  # [N, K, H, W]
+    near = soft_gaussian(distance, 0.15) * mask[:, None]
+    return near.sum((2, 3)) / mask.sum((1, 2)).clamp(min=1)[:, None]
+
+
 def flatness(images: torch.Tensor, sigma: float = 0.05) -> torch.Tensor:
     """``[N]``: mean over pixels of how closely the pixel matches its most similar 4-neighbour.
 
@@ -434,8 +442,7 @@ def prompt_scores(
     target_extent = torch.tensor([s.extent for s in specs], dtype=torch.float32)
     size = soft_gaussian(torch.log(extent / target_extent), 0.2)
     body = torch.tensor([mw.COLORS[s.color] if s.color else (0.0, 0.0, 0.0) for s in specs])
-    near = soft_gaussian(channel_norm(images - body[:, :, None, None]), 0.15)
-    share = (near * seg.mask).sum((1, 2)) / seg.mask.sum((1, 2)).clamp(min=1)
+    share = color_shares(images, seg.mask, body[:, None])[:, 0]
     if faithful_color_share is None:
         color = 1 - torch.exp(-share / 0.2)
     else:
@@ -825,9 +832,7 @@ def body_color_shares(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``[N, len(BODY_COLORS)]``: the share of each image's subject pixels (``mask`` ``[N, H, W]``) near each
     body colour, measured as the prompt reward's colour term measures the asked one."""
     body = torch.tensor(list(mw.BODY_COLORS.values()), dtype=torch.float32)  # [K, 3]
-    distance = channel_norm(images[:, :, None] - body.T[None, :, :, None, None])  # [N, K, H, W]
-    near = soft_gaussian(distance, 0.15) * mask[:, None]
-    return near.sum((2, 3)) / mask.sum((1, 2)).clamp(min=1)[:, None]
+    return color_shares(images, mask, body[None])
 
 
 def recolor_scores(
