@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from PIL import Image
 from typer.testing import CliRunner
 
-from cgrpo.data.miniworld import PromptSpec, format_prompt
+from cgrpo.cli import app
+from cgrpo.data.miniworld import MiniWorld, PromptSpec, format_prompt
 from cgrpo.eval.change import asked_labels, change_summary, check_pairs, paired_change
-from cgrpo.eval.runner import write_scores
+from cgrpo.eval.runner import read_scores, write_scores
 
 
 def test_paired_change_in_closed_form():
@@ -116,8 +119,6 @@ def test_pairs_must_be_the_same_images():
 
 
 def test_cli_writes_the_change_of_two_evaluation_folders(tmp_path):
-    from cgrpo.cli import app
-
     metrics = ["mini_id", "mini_prompt"]
     base, trained = tmp_path / "base", tmp_path / "trained"
     write_scores(
@@ -144,3 +145,52 @@ def test_cli_writes_the_change_of_two_evaluation_folders(tmp_path):
     assert not (tmp_path / "d").exists()
     result = CliRunner().invoke(app, ["eval", "change", str(base), str(tmp_path / "missing")])
     assert result.exit_code != 0 and "no scores.csv" in result.output
+
+
+def _world_eval(out, draw: str, *extra: str):
+    """``cgrpo eval mini --draw DRAW`` of 8 held-out subjects x 5 kinds x 2 prompts, one image each."""
+    args = ["eval", "mini", "--draw", draw, "--out", str(out), "--num-subjects", "8"]
+    return CliRunner().invoke(app, [*args, "--prompts-per-kind", "2", "--images-per-prompt", "1", *extra])
+
+
+def test_the_worlds_own_images_give_its_conflict_per_kind(tmp_path):
+    copy, truth = tmp_path / "copy", tmp_path / "truth"
+    for out, draw in ((copy, "copy"), (truth, "ground-truth")):
+        result = _world_eval(out, draw)
+        assert result.exit_code == 0, result.output
+        assert json.loads((out / "eval_config.json").read_text())["policy"] == f"world {draw}"
+    examples = {(e.subject_id, e.prompt): e for e in MiniWorld().eval_set(num_subjects=8, prompts_per_kind=2)}
+    for out, field in ((copy, "reference"), (truth, "target")):
+        rows = read_scores(out / "scores.csv")
+        assert len(rows) == 80  # a plain prompt can repeat, so fewer distinct cases
+        for row in rows:  # each image is the world's own drawing of its case, as an 8-bit PNG
+            image = np.asarray(Image.open(out / row["image"]).convert("RGB"), dtype=np.float32) / 255.0
+            expected = getattr(examples[(row["subject"], row["prompt"])], field).permute(1, 2, 0).numpy()
+            assert np.abs(image - expected).max() <= 0.5 / 255.0 + 1e-6
+
+    result = CliRunner().invoke(app, ["eval", "change", str(copy), str(truth), "--out", str(tmp_path / "c")])
+    assert result.exit_code == 0, result.output
+    groups = json.loads((tmp_path / "c" / "change.json").read_text())["groups"]
+    # a plain prompt's ground truth is the reference; a context prompt keeps the subject's pixels
+    assert groups["category: plain"]["mini_id"]["change"] == pytest.approx(0.0, abs=1e-6)
+    assert groups["category: plain"]["mini_prompt"]["change"] == pytest.approx(0.0, abs=1e-6)
+    assert groups["category: context"]["mini_id"]["change"] == pytest.approx(0.0, abs=1e-3)
+    assert groups["category: context"]["mini_prompt"]["change"] > 0.5
+    # property prompts: the faithful image and the copy differ by >= 0.3 in each reward (issue 14, goal 2)
+    assert groups["category: property"]["mini_id"]["change"] <= -0.3
+    assert groups["category: property"]["mini_prompt"]["change"] >= 0.3
+
+
+def test_world_drawings_refuse_policy_options_and_sampled_folders(tmp_path):
+    result = _world_eval(tmp_path / "copy", "copy", "--lora", str(tmp_path))
+    assert result.exit_code == 2 and "samples no policy" in result.output
+    result = _world_eval(tmp_path / "sketch", "sketch")
+    assert result.exit_code == 2 and "--draw must be" in result.output
+    assert not (tmp_path / "sketch").exists()
+    assert _world_eval(tmp_path / "copy", "copy").exit_code == 0
+    # the ground truth into the folder of the copies: refused, no image replaced
+    images = sorted((tmp_path / "copy" / "images").rglob("*.png"))
+    before = [p.read_bytes() for p in images]
+    result = _world_eval(tmp_path / "copy", "ground-truth")
+    assert result.exit_code == 2 and "world copy" in result.output
+    assert [p.read_bytes() for p in images] == before

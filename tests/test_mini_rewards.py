@@ -94,6 +94,19 @@ def test_copy_keeps_identity_but_fails_property_prompts(scores):
     assert (copy_prompt[property_rows] < gt_prompt[property_rows] - 0.1).all()
 
 
+def test_identity_ignores_whole_pixel_moves_but_not_the_corners_sub_pixel_offset():
+    # The subject is cropped to its box, so moving it by whole pixels costs nothing; the world's corners sit
+    # 0.4 px off the pixel grid (centre 0.3 of 32 px), which rasterises the shape, pattern and mark anew:
+    # a faithful corner placement pays about 0.08 identity for that alone (docs/mini-world.md).
+    subjects = WORLD.subjects("test")[:16]
+    refs = torch.stack([WORLD.reference(s) for s in subjects])
+    moved = torch.roll(refs, shifts=(-6, -6), dims=(2, 3))  # the subject stays inside, on a flat background
+    assert torch.allclose(ID(moved, refs, ["x"] * 16), torch.ones(16), atol=1e-5)
+    corner = torch.stack([WORLD.render(s, mw.PromptSpec(s.shape, position="top left")) for s in subjects])
+    cost = 1 - ID(corner, refs, ["x"] * 16)
+    assert 0.04 < cost.mean().item() < 0.15
+
+
 def test_ground_truth_tops_the_prompt_reward_and_pays_in_identity(scores):
     gt_id, gt_prompt = scores["gt"]
     copy_id, _ = scores["copy"]

@@ -335,13 +335,34 @@ def eval_mini(
     device: Annotated[str | None, typer.Option(help="Policy device.")] = None,
     method: Annotated[str | None, typer.Option(help="Row label in tables.")] = None,
     ci_seed: Annotated[int, typer.Option(help="Seed of the bootstrap intervals.")] = 0,
+    draw: Annotated[
+        str,
+        typer.Option(
+            help="Whose images: 'policy' (sampled), or the world's own 'ground-truth' or 'copy' of the "
+            "reference (the world's conflict: `cgrpo eval change COPY GROUND_TRUTH`)."
+        ),
+    ] = "policy",
 ) -> None:
     """The mini world's held-out subjects, scored with the mini rewards, per prompt kind."""
-    from cgrpo.eval.mini import mini_task
+    from cgrpo.eval.mini import WORLD_DRAWINGS, mini_task, world_drawings
+    from cgrpo.eval.runner import GenerationSettings, write_drawn_images
 
+    if draw != "policy" and draw not in WORLD_DRAWINGS:
+        raise ValueError(f"--draw must be policy or one of {', '.join(WORLD_DRAWINGS)}, got {draw!r}")
+    if draw != "policy" and (lora is not None or policy_option):
+        raise ValueError(f"--draw {draw} samples no policy: drop --lora and --policy-option")
     chosen = _metrics(metrics, metric_option)
-    settings = _settings(policy, policy_option, lora, steps, shift, seed, None)
     task = mini_task(out, image_size, num_subjects, prompts_per_kind, eval_seed)
+    options: dict[str, Any] = {}
+    if draw == "policy":
+        settings = _settings(policy, policy_option, lora, steps, shift, seed, None)
+    else:
+        # steps 0: nothing is sampled; the seed still names the images, so that `cgrpo eval change` pairs
+        # them with a policy's evaluation of the same --seed.
+        settings = GenerationSettings(policy=f"world {draw}", steps=0, seed=seed)
+        drawings = world_drawings(draw, image_size, num_subjects, prompts_per_kind, eval_seed)
+        write_drawn_images(task, out, settings, images_per_prompt, lambda c: drawings[(c.subject, c.prompt)])
+        options["policy_factory"] = _no_policy
     _benchmark(
         task,
         out,
@@ -354,7 +375,12 @@ def eval_mini(
         score_batch_size=max(batch_size, 64),
         method=method,
         ci_seed=ci_seed,
+        **options,
     )
+
+
+def _no_policy() -> Any:
+    raise RuntimeError("the world drew every image; no policy should be needed")
 
 
 @eval_app.command("table")

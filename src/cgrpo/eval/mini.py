@@ -5,6 +5,11 @@ prompts_per_kind, seed)``), so ``cgrpo eval mini`` on a run's LoRA measures what
 measured, with more images per prompt and bootstrap intervals. Categories are the prompt kinds (plain,
 context, placement, property, combo). References are rendered in memory and saved to ``references/`` so
 that ``scores.csv`` can point at them.
+
+The world can also draw the images itself (``cgrpo eval mini --draw ground-truth`` or ``--draw copy``): every
+case's ground truth, or the copy of its reference. Scored with the mini rewards and read with ``cgrpo eval
+change COPY GROUND_TRUTH``, they give the world's conflict per kind and per asked attribute — what a faithful
+image costs in identity and gains in prompt following against the copy — from the committed commands.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import torch
+
     from cgrpo.eval.runner import EvalTask
 
 
@@ -39,6 +46,30 @@ class HeldoutSet:
 # The 1,280 images (64 subjects x 5 kinds x 2 prompts x 2 images; 95% intervals of about +-0.01 per mean)
 # on which the full reproduce profile and the demo measure their policies.
 PRECISE_HELDOUT = HeldoutSet(num_subjects=64, prompts_per_kind=2, images_per_prompt=2)
+
+
+# What ``cgrpo eval mini --draw`` can take besides a policy's samples: images the world draws itself.
+WORLD_DRAWINGS = ("ground-truth", "copy")
+
+
+def world_drawings(
+    draw: str,
+    image_size: int = 32,
+    num_subjects: int = 16,
+    prompts_per_kind: int = 1,
+    seed: int = 1234,
+    world_seed: int = 0,
+) -> dict[tuple[str, str], torch.Tensor]:
+    """``(subject id, prompt) -> [3, H, W]`` for every case of :func:`mini_task` with the same arguments:
+    the world's ground truth of the prompt (``draw="ground-truth"``) or the subject's reference
+    (``"copy"``)."""
+    from cgrpo.data.miniworld import MiniWorld
+
+    if draw not in WORLD_DRAWINGS:
+        raise ValueError(f"the mini world draws one of {', '.join(WORLD_DRAWINGS)}, not {draw!r}")
+    world = MiniWorld(image_size=image_size, seed=world_seed)
+    examples = world.eval_set(num_subjects=num_subjects, prompts_per_kind=prompts_per_kind, seed=seed)
+    return {(e.subject_id, e.prompt): e.target if draw == "ground-truth" else e.reference for e in examples}
 
 
 def mini_task(

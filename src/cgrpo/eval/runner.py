@@ -423,6 +423,25 @@ def generate_missing(
     return missing
 
 
+def write_drawn_images(
+    task: EvalTask,
+    out: str | Path,
+    settings: GenerationSettings,
+    images_per_prompt: int,
+    draw: Callable[[Case], torch.Tensor],
+) -> None:
+    """Write the missing images of ``task`` that come from no policy (a world's ground truth, a copy of the
+    reference: ``draw(case)`` -> ``[3, H, W]`` in [0, 1]) where :func:`run_benchmark` looks for them.
+    ``settings`` name the drawing (its ``policy``), so a folder of sampled images is refused."""
+    out = Path(out)
+    items = build_items(task.cases, images_per_prompt, settings.seed)
+    config = {"task": task.name, **settings.as_dict(), **task.run_settings("reference")}
+    _check_config(out, config, has_images=(out / "images").is_dir())
+    for item in items:
+        if not (out / item.image).is_file():
+            save_png(_to_pil(draw(item.case)), out / item.image)
+
+
 def prepare_reference(policy: Policy, image: torch.Tensor, reference_size: int | None = None) -> torch.Tensor:
     """The conditioning reference ``[3, h, w]`` of an image: the policy's own preprocessing
     (:meth:`Policy.prepare_references`: UNO keeps the aspect ratio at long side 512), or a square of side
@@ -748,6 +767,8 @@ def run_benchmark(
 
 def _generation_text(settings: GenerationSettings) -> str:
     """``policy `mini` + LoRA `run/final`, 25 ODE steps, seed 0`` (the end of a table's description)."""
+    if not settings.steps:  # drawn, not sampled (`cgrpo eval mini --draw ground-truth`)
+        return f"images drawn by `{settings.policy}`, not sampled"
     lora = f" + LoRA `{settings.lora}`" if settings.lora else ""
     return f"policy `{settings.policy}`{lora}, {settings.steps} ODE steps, seed {settings.seed}"
 

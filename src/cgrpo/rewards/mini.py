@@ -2,7 +2,10 @@
 
 ``mini_id`` — the DINO-Seg analogue. The subject is segmented from its background (background colour =
 median of the border pixels; subject = pixels far from it, minus specks), cropped to its bounding box and
-resampled to a canonical ``C x C`` square, so that placement, size and background do not matter. The
+resampled to a canonical ``C x C`` square, so that the background and a move by whole pixels do not matter.
+A size or a sub-pixel offset does, a little: the subject is rasterised anew (a faithful image in the world's
+corners, 0.4 px off the pixel grid, scores about 0.91; small / large subjects 0.85 / 0.92; ``cgrpo eval mini
+--draw ground-truth``). The
 canonical subject is compared with the reference's on four features, each a similarity in [0, 1]:
 outline (soft IoU of the masks), colour histogram (intersection), layout (colour-aware IoU: the pattern
 and the mark in their places) and texture (gradient energy along rows and columns). A copy of the
