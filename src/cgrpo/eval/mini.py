@@ -63,13 +63,18 @@ def world_drawings(
     """``(subject id, prompt) -> [3, H, W]`` for every case of :func:`mini_task` with the same arguments:
     the world's ground truth of the prompt (``draw="ground-truth"``) or the subject's reference
     (``"copy"``)."""
-    from cgrpo.data.miniworld import MiniWorld
-
     if draw not in WORLD_DRAWINGS:
         raise ValueError(f"the mini world draws one of {', '.join(WORLD_DRAWINGS)}, not {draw!r}")
-    world = MiniWorld(image_size=image_size, seed=world_seed)
-    examples = world.eval_set(num_subjects=num_subjects, prompts_per_kind=prompts_per_kind, seed=seed)
+    examples = _held_out(image_size, num_subjects, prompts_per_kind, seed, world_seed)
     return {(e.subject_id, e.prompt): e.target if draw == "ground-truth" else e.reference for e in examples}
+
+
+def _held_out(image_size: int, num_subjects: int, prompts_per_kind: int, seed: int, world_seed: int) -> list:
+    """The held-out examples that :func:`mini_task` and :func:`world_drawings` both describe."""
+    from cgrpo.data.miniworld import MiniWorld
+
+    world = MiniWorld(image_size=image_size, seed=world_seed)
+    return list(world.eval_set(num_subjects=num_subjects, prompts_per_kind=prompts_per_kind, seed=seed))
 
 
 def mini_task(
@@ -81,12 +86,10 @@ def mini_task(
     world_seed: int = 0,
 ) -> EvalTask:
     """The held-out mini-world task; reference PNGs are written under ``out/references`` (if ``out``)."""
-    from cgrpo.data.miniworld import MiniWorld
     from cgrpo.eval.runner import Case, EvalTask, safe_name
     from cgrpo.imaging import grid, save_png
 
-    world = MiniWorld(image_size=image_size, seed=world_seed)
-    examples = list(world.eval_set(num_subjects=num_subjects, prompts_per_kind=prompts_per_kind, seed=seed))
+    examples = _held_out(image_size, num_subjects, prompts_per_kind, seed, world_seed)
     cases = [Case(e.subject_id, e.subject_class, e.kind, e.kind, e.prompt) for e in examples]
     references = {e.subject_id: e.reference for e in examples}
     for subject, image in references.items():
