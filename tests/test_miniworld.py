@@ -387,6 +387,31 @@ def test_imperfect_pairs_drift_details_and_copy_paste_a_share_of_the_targets():
         WORLD.dataset("train", copy_paste=-0.1)
 
 
+def test_copy_paste_property_sets_the_copy_share_of_the_edits_alone():
+    kw = dict(prompts_per_subject=16, seed=3, property_rate=0.5, detail_drift=0.5, copy_paste=0.3)
+    same = WORLD.dataset("train", **kw)
+    assert WORLD.dataset("train", **kw, copy_paste_property=0.3).entries == same.entries
+    kept = WORLD.dataset("train", **kw, copy_paste_property=0.0)
+    always = WORLD.dataset("train", **kw, copy_paste_property=1.0)
+
+    def pasted(dataset, edits):
+        entries = dataset.entries
+        return [e[4] != e[1] for e in entries if mw.asks_property(e[1]) == edits and e[1] != e[0].class_name]
+
+    # one random stream: only the pairs of prompts that edit the look change, and every other pair is the same
+    for other in (kept, always):
+        assert all(a == b for a, b in zip(same.entries, other.entries) if not mw.asks_property(a[1]))
+        assert pasted(other, edits=False) == pasted(same, edits=False)
+    assert 0.2 < sum(pasted(same, edits=True)) / len(pasted(same, edits=True)) < 0.4
+    assert not any(pasted(kept, edits=True)) and all(pasted(always, edits=True))
+    assert 0.2 < sum(pasted(kept, edits=False)) / len(pasted(kept, edits=False)) < 0.4
+    # without other copy-paste pairs the edits alone can be pasted over
+    alone = WORLD.dataset("train", prompts_per_subject=16, seed=3, copy_paste_property=1.0)
+    assert all(pasted(alone, edits=True)) and not any(pasted(alone, edits=False))
+    with pytest.raises(ValueError, match="copy_paste_property"):
+        WORLD.dataset("train", copy_paste=0.3, copy_paste_property=1.5)
+
+
 def test_world_version_is_checked():
     assert WORLD.version == mw.WORLD_VERSION
     with pytest.raises(ValueError, match="data.options.version"):

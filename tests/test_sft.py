@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import cgrpo.data.miniworld as mw
 import cgrpo.train.sft as sft
 from cgrpo.config import load_config
 from cgrpo.data.base import Example
@@ -164,3 +165,17 @@ def test_sft_data_text_to_image_share_reaches_the_training_set():
     assert 0.3 < len(blank) / len(train) < 0.7  # a background-only reference: the text-to-image pairs
     with pytest.raises(ValueError, match="text_to_image"):
         sft.build_mini_data(load_config(SFTConfig, None, ["data.text_to_image=2.0"]).data, seed=0)
+
+
+def test_sft_data_copy_paste_property_reaches_the_training_set():
+    base = ["data.num_train_subjects=20", "data.num_test_subjects=8", "data.copy_paste=1.0"]
+    pasted, _ = sft.build_mini_data(load_config(SFTConfig, None, base).data, seed=0)
+    kept_config = load_config(SFTConfig, None, [*base, "data.copy_paste_property=0.0"])
+    kept, _ = sft.build_mini_data(kept_config.data, seed=0)
+    edits = [i for i, e in enumerate(kept) if mw.asks_property(e.prompt)]
+    others = [i for i, e in enumerate(kept) if not mw.asks_property(e.prompt) and e.kind != "plain"]
+    assert edits and others
+    # a copy-paste target is the reference itself; the kept edits are drawn as asked
+    assert all(torch.equal(pasted[i].target, pasted[i].reference) for i in edits + others)
+    assert not any(torch.equal(kept[i].target, kept[i].reference) for i in edits)
+    assert all(torch.equal(kept[i].target, kept[i].reference) for i in others)

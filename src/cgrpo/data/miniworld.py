@@ -952,6 +952,7 @@ class MiniWorld:
         detail_drift: float = 0.0,
         copy_paste: float = 0.0,
         text_to_image: float = 0.0,
+        copy_paste_property: float | None = None,
     ) -> MiniWorldDataset:
         """``prompts_per_subject`` sampled prompts per subject of ``split`` (deterministic for ``seed``).
 
@@ -962,6 +963,9 @@ class MiniWorld:
           (:func:`drift_subject`);
         - ``copy_paste``: the share of targets that ignore the prompt and show the subject as in its
           reference (centred, default size and look, grey background), the copy-paste pairs of synthetic data;
+        - ``copy_paste_property``: that share among the prompts that edit the subject's look (a recolour,
+          "striped", "upside down"); None: ``copy_paste``. At 0 the rare edits are never contradicted by a
+          copy, while prompts of a new scene or placement still are;
         - ``text_to_image``: the share of examples without a subject reference (a blank, background-only
           image) whose prompt describes the subject's look (:func:`describe`), as text-to-image pre-training
           pairs do: the base then knows what each colour word means before it learns to keep a reference.
@@ -979,6 +983,7 @@ class MiniWorld:
             ("detail_drift", detail_drift),
             ("copy_paste", copy_paste),
             ("text_to_image", text_to_image),
+            ("copy_paste_property", copy_paste if copy_paste_property is None else copy_paste_property),
         )
         for name, share in shares:
             if not 0.0 <= share <= 1.0:
@@ -997,8 +1002,12 @@ class MiniWorld:
                 drawn, shown = subject, prompt
                 if detail_drift > 0 and _uniform(rng) < detail_drift:
                     drawn = drift_subject(subject, rng)
-                if copy_paste > 0 and _uniform(rng) < copy_paste:
-                    shown = subject.class_name  # the plain prompt: the reference's composition
+                if copy_paste > 0 or copy_paste_property:
+                    share = copy_paste
+                    if copy_paste_property is not None and asks_property(prompt):
+                        share = copy_paste_property
+                    if _uniform(rng) < share:
+                        shown = subject.class_name  # the plain prompt: the reference's composition
                 entries.append((subject, prompt, kind, drawn, shown, True))
         return MiniWorldDataset(self, entries)
 

@@ -76,6 +76,9 @@ class SFTDataConfig:
     # The share of targets that ignore the prompt and show the subject as in its reference (copy-paste pairs):
     # the base then sometimes ignores prompts, and prompt following has headroom that costs no identity.
     copy_paste: float = 0.0
+    # The copy-paste share among prompts that edit the subject's look (null: copy_paste). At 0 the rare edits
+    # are never contradicted by a copy, so the base can learn what they mean.
+    copy_paste_property: float | None = None
     # The share of text-to-image pairs (no subject reference; the prompt names the body colour): the base then
     # learns what each colour word means from more than the rare recolours, as from text-to-image data.
     text_to_image: float = 0.0
@@ -336,6 +339,7 @@ def build_mini_data(config: SFTDataConfig, seed: int) -> tuple[Sequence[Example]
         detail_drift=config.detail_drift,
         copy_paste=config.copy_paste,
         text_to_image=config.text_to_image,
+        copy_paste_property=config.copy_paste_property,
     )
     # The preview grid: one held-out subject per row, going round the prompt kinds (plain, context, ...).
     held_out = list(world.eval_set(num_subjects=config.eval_examples, prompts_per_kind=1))
