@@ -400,7 +400,8 @@ def test_copy_paste_property_sets_the_copy_share_of_the_edits_alone():
 
     # one random stream: only the pairs of prompts that edit the look change, and every other pair is the same
     for other in (kept, always):
-        assert all(a == b for a, b in zip(same.entries, other.entries) if not mw.asks_property(a[1]))
+        pairs = zip(same.entries, other.entries, strict=True)
+        assert all(a == b for a, b in pairs if not mw.asks_property(a[1]))
         assert pasted(other, edits=False) == pasted(same, edits=False)
     assert 0.2 < sum(pasted(same, edits=True)) / len(pasted(same, edits=True)) < 0.4
     assert not any(pasted(kept, edits=True)) and all(pasted(always, edits=True))
