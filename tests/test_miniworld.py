@@ -411,6 +411,9 @@ def test_copy_paste_property_sets_the_copy_share_of_the_edits_alone():
     assert all(pasted(alone, edits=True)) and not any(pasted(alone, edits=False))
     with pytest.raises(ValueError, match="copy_paste_property"):
         WORLD.dataset("train", copy_paste=0.3, copy_paste_property=1.5)
+    scenes = mw.MiniWorld(num_train_subjects=8, num_test_subjects=4, subjects=2)
+    with pytest.raises(ValueError, match="copy_paste_property"):
+        scenes.dataset("train", copy_paste=0.3, copy_paste_property=0.0)
 
 
 def test_world_version_is_checked():

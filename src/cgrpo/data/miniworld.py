@@ -975,6 +975,8 @@ class MiniWorld:
         if self.subjects_per_image > 1:
             if text_to_image:
                 raise ValueError("mini-world text_to_image pairs are single-subject only (subjects=1)")
+            if copy_paste_property is not None:
+                raise ValueError("mini-world copy_paste_property is single-subject only (subjects=1)")
             return self.scene_dataset(
                 split, prompts_per_subject, kinds, seed, property_rate, detail_drift, copy_paste
             )

@@ -77,7 +77,7 @@ class SFTDataConfig:
     # the base then sometimes ignores prompts, and prompt following has headroom that costs no identity.
     copy_paste: float = 0.0
     # The copy-paste share among prompts that edit the subject's look (null: copy_paste). At 0 the rare edits
-    # are never contradicted by a copy, so the base can learn what they mean.
+    # are never contradicted by a copy (what that does to the base: docs/mini-world.md).
     copy_paste_property: float | None = None
     # The share of text-to-image pairs (no subject reference; the prompt names the body colour): the base then
     # learns what each colour word means from more than the rare recolours, as from text-to-image data.
