@@ -981,11 +981,12 @@ class MiniWorld:
                 split, prompts_per_subject, kinds, seed, property_rate, detail_drift, copy_paste
             )
         kinds = _check_kinds(kinds)
+        edit_copy_paste = copy_paste if copy_paste_property is None else copy_paste_property
         shares = (
             ("detail_drift", detail_drift),
             ("copy_paste", copy_paste),
             ("text_to_image", text_to_image),
-            ("copy_paste_property", copy_paste if copy_paste_property is None else copy_paste_property),
+            ("copy_paste_property", edit_copy_paste),
         )
         for name, share in shares:
             if not 0.0 <= share <= 1.0:
@@ -1004,10 +1005,8 @@ class MiniWorld:
                 drawn, shown = subject, prompt
                 if detail_drift > 0 and _uniform(rng) < detail_drift:
                     drawn = drift_subject(subject, rng)
-                if copy_paste > 0 or copy_paste_property:
-                    share = copy_paste
-                    if copy_paste_property is not None and asks_property(prompt):
-                        share = copy_paste_property
+                if copy_paste > 0 or edit_copy_paste > 0:
+                    share = edit_copy_paste if asks_property(prompt) else copy_paste
                     if _uniform(rng) < share:
                         shown = subject.class_name  # the plain prompt: the reference's composition
                 entries.append((subject, prompt, kind, drawn, shown, True))
