@@ -193,6 +193,37 @@ def test_tdw_is_keyed_by_the_real_step(tiny_policy_dir, tmp_path, monkeypatch):
     assert w_prompt[1] > w_prompt[0]
 
 
+def test_squared_error_log_prob_scales_each_steps_log_probs(tiny_policy_dir, tmp_path, monkeypatch):
+    """train.log_prob=squared_error hands the loss the Gaussian log-probs times 2 std_t^2 of their step."""
+    seen = {}
+    real_loss = grpo_module.clipped_policy_loss
+
+    def spy_loss(log_prob, old_log_prob, advantages, **kw):
+        seen.setdefault(mode, []).append((log_prob.detach().clone(), old_log_prob.clone()))
+        return real_loss(log_prob, old_log_prob, advantages, **kw)
+
+    monkeypatch.setattr(grpo_module, "clipped_policy_loss", spy_loss)
+    for mode in ("gaussian", "squared_error"):
+        config = tiny_config(
+            tiny_policy_dir,
+            tmp_path / mode,
+            "sampling.formulation=cps",
+            "train.iterations=1",
+            "train.train_steps=1",
+            "train.optimizer_step=timestep",
+            f"train.log_prob={mode}",
+        )
+        trainer = GRPOTrainer(config)
+        monkeypatch.setattr(trainer, "_select_steps", lambda: torch.tensor([1]))
+        trainer.iteration()
+    sigma_next = float(trainer.sigmas[2])
+    scale = 2 * (sigma_next * math.sin(0.5 * math.pi * config.sampling.noise_level)) ** 2
+    (gauss_new, gauss_old), (sq_new, sq_old) = seen["gaussian"][0], seen["squared_error"][0]
+    torch.testing.assert_close(sq_new, gauss_new * scale)
+    torch.testing.assert_close(sq_old, gauss_old * scale)
+    assert scale < 1  # the step is really rescaled, not left as it was
+
+
 def test_cli_train_writes_metrics(tiny_policy_dir, tmp_path):
     from typer.testing import CliRunner
 

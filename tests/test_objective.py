@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cgrpo.objective import PolicyLoss, clipped_policy_loss, gaussian_mean_kl, kl_k3
+from cgrpo.objective import PolicyLoss, clipped_policy_loss, gaussian_mean_kl, kl_k3, log_ratio_scale
 from cgrpo.sde import sde_step_with_logprob
 
 
@@ -131,6 +131,33 @@ def test_gaussian_mean_kl_equals_the_kl_of_the_sde_transitions():
     assert kl.shape == (3,)
     torch.testing.assert_close(kl.double(), exact, rtol=1e-5, atol=1e-9)
     assert torch.equal(gaussian_mean_kl(step.mean, step.mean, step.std), torch.zeros(3))
+
+
+def test_squared_error_log_ratio_is_flow_grpo_cps_surrogate():
+    """The scaled log-ratio equals that of -mean((x_next - mean)^2), computed here in float64 from the
+    transitions' means; its gradient is the density's times 2 std^2 per sample."""
+    g = torch.Generator().manual_seed(1)
+    x, v = torch.randn(3, 5, 4, generator=g), torch.randn(3, 5, 4, generator=g)
+    v_new = (v + 0.05 * torch.randn(3, 5, 4, generator=g)).requires_grad_()
+    sigma = torch.tensor([0.95, 0.6, 0.25])
+    old = sde_step_with_logprob(v, sigma, sigma - 0.1, x, 0.7, generator=g, formulation="cps")
+    new = sde_step_with_logprob(
+        v_new, sigma, sigma - 0.1, x, 0.7, prev_sample=old.prev_sample, formulation="cps"
+    )
+    scale = log_ratio_scale(new.std, "squared_error")
+    torch.testing.assert_close(scale, 2 * new.std.square())
+    x_next = old.prev_sample.double()
+    surrogate = [-(x_next - m.double()).square().mean(dim=(1, 2)) for m in (new.mean, old.mean)]
+    # float32 log-densities near -1 leave their differences (2e-3 to 1e-2 here) a relative error under 1e-4
+    torch.testing.assert_close(
+        ((new.log_prob - old.log_prob) * scale).double(), surrogate[0] - surrogate[1], rtol=1e-3, atol=0
+    )
+    (grad_density,) = torch.autograd.grad(new.log_prob.sum(), v_new, retain_graph=True)
+    (grad_scaled,) = torch.autograd.grad((new.log_prob * scale).sum(), v_new)
+    torch.testing.assert_close(grad_scaled, grad_density * scale[:, None, None])
+    assert torch.equal(log_ratio_scale(new.std), torch.ones(3))
+    with pytest.raises(ValueError, match="log_prob must be one of"):
+        log_ratio_scale(new.std, "cps")
 
 
 def test_diagnostics_are_detached():

@@ -43,6 +43,24 @@ class PolicyLoss(NamedTuple):
     adv_clip_fraction: Tensor
 
 
+LOG_PROBS = ("gaussian", "squared_error")
+
+
+def log_ratio_scale(std: Tensor, log_prob: str = "gaussian") -> Tensor:
+    """Per-sample factor on the log-probs of one SDE step before the ratio: ``[B]`` float32.
+
+    ``gaussian``: 1, the transition's log-density. ``squared_error``: ``2 std^2``, which turns the
+    log-density's log-ratio into that of Flow-GRPO's CPS surrogate ``-mean((x_next - mean)^2)`` (the
+    density is ``-mean((x_next - mean)^2) / (2 std^2)`` plus a constant of the step, which the ratio
+    cancels). Its gradient is the density's times ``2 std^2``: the steps near the clean image, whose
+    density gradients grow as ``1 / std``, no longer outweigh the noisy ones.
+    """
+    if log_prob not in LOG_PROBS:
+        raise ValueError(f"log_prob must be one of {', '.join(LOG_PROBS)}; got {log_prob!r}")
+    s = std.detach().float()
+    return torch.ones_like(s) if log_prob == "gaussian" else 2.0 * s.square()
+
+
 def kl_k3(log_prob: Tensor, ref_log_prob: Tensor) -> Tensor:
     """Schulman's k3 estimator of ``KL(pi || pi_ref)`` from log-probs of samples of ``pi``, elementwise.
 

@@ -93,6 +93,10 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0
     clip_range: float = 1e-4  # ratio clip (Flow-GRPO's default; log-probs are means over many dims)
+    # The per-step log-probability of the ratio: `gaussian`, the transition's log-density; `squared_error`,
+    # Flow-GRPO's CPS surrogate -mean((x_next - mean)^2), i.e. each step's log-ratio times 2 std_t^2, which
+    # evens out the steps' gradients (the density's grow as 1/std_t toward the clean end).
+    log_prob: Literal["gaussian", "squared_error"] = "gaussian"
     adv_clip: float = 5.0  # advantages are clamped to [-adv_clip, adv_clip]
     kl_coef: float = 0.0  # KL to the frozen base policy (off by default, as in the paper)
     inner_epochs: int = 1  # optimisation passes over one rollout batch

@@ -38,7 +38,7 @@ from cgrpo.advantage import (
 )
 from cgrpo.config import save_config, to_dict
 from cgrpo.io import atomic_write_json
-from cgrpo.objective import clipped_policy_loss, gaussian_mean_kl
+from cgrpo.objective import clipped_policy_loss, gaussian_mean_kl, log_ratio_scale
 from cgrpo.sde import sde_step_with_logprob, sde_window, select_steps, steps_to_mask
 from cgrpo.train.callbacks import (
     AdvantagesLog,
@@ -466,9 +466,10 @@ class GRPOTrainer:
                         formulation=cfg.sampling.formulation,
                     )
                     kl_term = self._kl_to_reference(x_t, sigma, sigma_next, cond.index(i), transition)
+                    scale = log_ratio_scale(transition.std, cfg.train.log_prob)
                     out = clipped_policy_loss(
-                        transition.log_prob,
-                        trajectory.log_probs[i, t].to(self.device),
+                        transition.log_prob * scale,
+                        trajectory.log_probs[i, t].to(self.device) * scale,
                         advantages[i, j].to(self.device),
                         clip_range=cfg.train.clip_range,
                         adv_clip=cfg.train.adv_clip,
