@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -135,6 +136,44 @@ def test_sft_resume_matches_uninterrupted(tmp_path, monkeypatch):
         json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
     ]
     assert steps == sorted(steps) and len(steps) == len(set(steps))  # no duplicated log lines after resume
+
+
+def test_stop_at_step_repeats_a_run_that_max_minutes_stopped(tmp_path, monkeypatch):
+    data = _dataset()
+    calls = {"n": 0}
+    real_loss, real_clock = sft.flow_matching_loss, time.perf_counter
+
+    def counting_loss(*args, **kwargs):
+        calls["n"] += 1
+        return real_loss(*args, **kwargs)
+
+    # The wall clock jumps an hour once step 7 has computed its loss: max_minutes stops the run after it.
+    monkeypatch.setattr(sft, "flow_matching_loss", counting_loss)
+    monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + (3600.0 if calls["n"] >= 7 else 0.0))
+    timed_cfg = _config(tmp_path, "timed", steps=12)
+    timed_cfg.max_minutes = 30.0
+    timed = run_sft(timed_cfg, policy=tiny_policy_for_tests(seed=0), train_data=data)
+    monkeypatch.undo()
+
+    stopped_cfg = _config(tmp_path, "stopped", steps=12)
+    stopped_cfg.stop_at_step = 7
+    stopped = run_sft(stopped_cfg, policy=tiny_policy_for_tests(seed=0), train_data=data)
+    # A 7-step schedule is another run: its learning rate decays over 7 steps, not 12.
+    short_cfg = _config(tmp_path, "short", steps=7)
+    short = run_sft(short_cfg, policy=tiny_policy_for_tests(seed=0), train_data=data)
+
+    weights = "transformer/diffusion_pytorch_model.safetensors"
+    a, b, c = (load_file(run / weights) for run in (timed, stopped, short))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(b[k], c[k]) for k in b)
+    for name in ("timed", "stopped"):
+        records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records if "train/stopped_early" in r] == [7]
+
+    from cgrpo.config import ConfigError
+
+    with pytest.raises(ConfigError, match="stop_at_step"):
+        load_config(SFTConfig, None, ["optim.steps=12", "stop_at_step=13"]).validate()
 
 
 def test_sft_config_errors_name_the_key(tmp_path):

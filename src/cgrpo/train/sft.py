@@ -155,6 +155,9 @@ class SFTConfig:
     # Wall-clock budget: stop early (EMA weights still evaluated and saved) when a shared machine is slower
     # than planned. The cosine schedule is then cut short and the run is no longer step-for-step reproducible.
     max_minutes: float | None = None
+    # Stop after this step with the schedule still planned for optim.steps: how a run that max_minutes
+    # stopped at step N is repeated step for step (same seed, same num_threads).
+    stop_at_step: int | None = None
 
     def validate(self) -> None:
         # Registered names and their options first: a misspelt one is an error naming its key.
@@ -169,6 +172,11 @@ class SFTConfig:
         check_components(rewards=self.heldout.rewards, prefix="heldout.")
         if self.optim.steps < 1:
             raise ConfigError(f"optim.steps: expected >= 1, got {self.optim.steps}")
+        if self.stop_at_step is not None and not 1 <= self.stop_at_step <= self.optim.steps:
+            raise ConfigError(
+                f"stop_at_step: expected between 1 and optim.steps ({self.optim.steps}), "
+                f"got {self.stop_at_step}"
+            )
         if self.optim.batch_size < 1:
             raise ConfigError(f"optim.batch_size: expected >= 1, got {self.optim.batch_size}")
         if not 0.0 <= self.optim.ema_decay < 1.0:
@@ -696,6 +704,10 @@ def run_sft(
         if config.max_minutes is not None and time.perf_counter() - started > 60.0 * config.max_minutes:
             log_metrics(done, {"train/stopped_early": 1.0})
             log.info("stopping at step %d: max_minutes=%s reached", done, config.max_minutes)
+            break
+        if config.stop_at_step is not None and done >= config.stop_at_step and done < optim.steps:
+            log_metrics(done, {"train/stopped_early": 1.0})
+            log.info("stopping at step %d: stop_at_step", done)
             break
     bar.close()
     if config.eval_every and last_eval != done:
