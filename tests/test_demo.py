@@ -94,7 +94,7 @@ def test_demo_report(tiny_policy_dir, tmp_path):
     assert abs(changes["all/prompt"]["change"] - delta) < 1e-6 and changes["all/prompt"]["ci95"] >= 0
     assert changes["property-change/id"]["n"] >= 2 and "grid_property_edits.png" in report
     assert (out / "grid_property_edits.png").stat().st_size > 1000
-    assert metrics["world_version"] == mw.WORLD_VERSION == 2 and metrics["base"]["id_ci95"] > 0
+    assert metrics["world_version"] == mw.WORLD_VERSION == 3 and metrics["base"]["id_ci95"] > 0
 
 
 def test_demo_compare_trains_a_second_config_beside_it(tiny_policy_dir, tmp_path):

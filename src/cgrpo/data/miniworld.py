@@ -43,8 +43,10 @@ KINDS = ("plain", "context", "placement", "property", "combo")
 # (docs/mini-world.md):
 # 1: the first wave's base (2,500 SFT steps on the full prompt mix, not converged);
 # 2: a base pre-trained to convergence on rare edits and imperfect pairs (configs/mini/sft_v2.yaml), and
-#    mini_prompt's colour term saturated at a faithful recolour's share.
-WORLD_VERSION = 2
+#    mini_prompt's colour term saturated at a faithful recolour's share;
+# 3: version 2's pairs and rewards, a base pre-trained on text-to-image pairs first
+#    (configs/mini/sft_v3_stage{1,2,3}.yaml), and GRPO with the CPS log-probability (train.log_prob).
+WORLD_VERSION = 3
 
 DEFAULT_BACKGROUND = (0.75, 0.75, 0.73)  # light neutral grey of every reference image
 DEFAULT_SIZE = 0.5  # subject extent as a fraction of the image side

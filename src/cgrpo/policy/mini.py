@@ -151,7 +151,7 @@ def mini(path: str | Path | None = None, extra_words: Sequence[str] = (), **kw: 
         if path is None:
             raise FileNotFoundError(
                 "the mini base weights (cgrpo/assets/mini_base) are missing: pass path=<policy directory> or "
-                "pretrain them with `cgrpo sft configs/mini/sft_v2.yaml`"
+                "pretrain them with `cgrpo sft configs/mini/sft_v3_stage1.yaml` (then stage2, stage3)"
             )
     path = Path(path)
     if not (path / "transformer").is_dir():
