@@ -701,13 +701,14 @@ def run_sft(
         if done % config.log_every == 0:
             tick = time.perf_counter()  # restart the clock after evals and saves: they are not training steps
 
+        stop_reason = None
         if config.max_minutes is not None and time.perf_counter() - started > 60.0 * config.max_minutes:
+            stop_reason = f"max_minutes={config.max_minutes} reached"
+        elif config.stop_at_step is not None and config.stop_at_step <= done < optim.steps:
+            stop_reason = "stop_at_step"
+        if stop_reason is not None:
             log_metrics(done, {"train/stopped_early": 1.0})
-            log.info("stopping at step %d: max_minutes=%s reached", done, config.max_minutes)
-            break
-        if config.stop_at_step is not None and done >= config.stop_at_step and done < optim.steps:
-            log_metrics(done, {"train/stopped_early": 1.0})
-            log.info("stopping at step %d: stop_at_step", done)
+            log.info("stopping at step %d: %s", done, stop_reason)
             break
     bar.close()
     if config.eval_every and last_eval != done:
