@@ -229,17 +229,18 @@ class Profile:
 
 
 PROFILES: dict[tuple[str, str], Profile] = {
-    # 22 runs x 3 seeds, ~3 min each: 64 iterations of 2 x 8 samples. The same samples as 32 iterations of
-    # 4 x 8 (version 1's profile) but twice the optimizer steps; on seed 0 that moved the held-out prompt
-    # reward +0.035 against +0.008 (seed 1: +0.010; docs/mini-world.md). No mid-run evaluations: the report
-    # reads the ends. Measured on version 2: 66 runs in 1 h 41 min with --jobs 2. The trainers' 80-image
-    # evaluation has a 95% interval of +-0.04 per mean, so the tables come from 1,280 images (1,108
-    # distinct; the demo table's set) per policy: ~2 min each on one core, ~1.1 h more with --jobs 2.
+    # 22 runs x 3 seeds of the demo's config cut to 24 iterations of 4 x 8 samples (32 per AdamW step).
+    # Version 2's 64 iterations of 2 x 8 (twice the steps, chosen on one seed pair) let the seeds part on
+    # version 3: std over seeds 0.03-0.07 for Customized-GRPO and naive 1:1, and one Customized-GRPO seed
+    # collapsed; 32 x 4 x 8 and 24 x 4 x 8 kept it at 0.004-0.014 over 3 seeds (docs/mini-world.md), and 24
+    # iterations fit the 3 hours. No mid-run evaluations: the report reads the ends. The trainers' 80-image
+    # evaluation has a 95% interval of +-0.04 per mean, so the tables come from 1,280 images (1,108 distinct;
+    # the demo table's set) per policy.
     ("mini", "full"): Profile(
         "full",
         3,
-        64,
-        ("train.prompts_per_iteration=2", "eval.every=0", "checkpoint.every=16", "log.tensorboard=false"),
+        24,
+        ("eval.every=0", "checkpoint.every=8", "log.tensorboard=false"),
         heldout=PRECISE_HELDOUT,
     ),
     # 22 runs x 1 seed, 11 min 34 s measured on version 2: 18 iterations of 2 x 8 samples, 8 held-out
@@ -497,16 +498,16 @@ def build_plan(
 
 # --- cost model (mini world, one thread on a quiet core) ---------------------------------------------
 
-# Measured on these machines with the ~2.3M-parameter mini transformer (world version 2), two one-thread runs
-# side by side (as `--jobs 2` runs them): a Customized-GRPO run of 32 iterations x 4 x 8 samples, 10 steps, 9
-# SDE steps of which 5 trained, with the base and final held-out evaluations (80 images) took 176 s, 64 x 2 x
-# 8 took 177 s and 128 x 1 x 8 took 184 s (version 1's calibration, 7.4 s per iteration, gave 314 s).
-SAMPLE_STEP_S = 0.0060  # no-grad forward of one image for one denoising step
-TRAIN_TERM_S = 0.0190  # forward + backward of one (image, step) term
+# Measured on these machines with the ~2.3M-parameter mini transformer, two one-thread runs side by side (as
+# `--jobs 2` runs them), in version 3's full profile of 64 x 2 x 8 samples (10 steps, 9 SDE steps of which 5
+# trained, base and final evaluations of 80 images): GRPO runs 202-246 s, median 218 s; SFT 131 s; RPO 241 s.
+# (Version 2's calibration was 20% faster, 176 s: the machines' speed varies from day to day by about that.)
+SAMPLE_STEP_S = 0.0075  # no-grad forward of one image for one denoising step
+TRAIN_TERM_S = 0.0238  # forward + backward of one (image, step) term
 STARTUP_S = 8.0  # interpreter, imports, policy load, data
 # `cgrpo eval mini` of one policy, per image (10 ODE steps, both rewards, PNG files): 1,280 images took
-# 105-115 s, two evaluations side by side.
-HELDOUT_IMAGE_S = 0.087
+# 61-223 s, median 131 s, two evaluations side by side (version 3's full profile).
+HELDOUT_IMAGE_S = 0.096
 
 
 def heldout_seconds(heldout: HeldoutSet) -> float:
